@@ -1,0 +1,4 @@
+"`from cskd_fastai.all import *`: fastai's vision API plus everything CS-KD, like `from fastai.vision.all import *`"
+from fastai.vision.all import *
+from .data import *
+from .callback import *
