@@ -1,0 +1,58 @@
+"Shared fixtures: small data that ships with the dependencies, and small models, so every test runs on a CPU"
+import os
+os.environ.setdefault('MPLBACKEND', 'Agg')
+import warnings
+import pytest
+import torch
+from fastai.vision.all import *
+from cskd_fastai.all import *
+
+warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope='session')
+def digits_path(tmp_path_factory):
+    return digits_folder(tmp_path_factory.mktemp('digits'))
+
+
+def digits_block(n_train=None, **kwargs):
+    "DataBlock over the digits folder; `n_train` keeps that many training images (every class kept)"
+    def get_items(p):
+        fs = get_image_files(p)
+        if n_train is None: return fs
+        trn = sorted(f for f in fs if f.parent.parent.name == 'train')
+        per_class = groupby(trn, lambda f: f.parent.name)
+        trn = [f for c in sorted(per_class) for f in per_class[c][:n_train//len(per_class)]]
+        return L(trn) + L(sorted(f for f in fs if f.parent.parent.name == 'valid'))
+    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_items, get_y=parent_label,
+                     splitter=GrandparentSplitter(valid_name='valid'), item_tfms=Resize(16), **kwargs)
+
+
+@pytest.fixture
+def small_dls(digits_path):
+    "320 training images, 16px, batches of 32, no workers"
+    return digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
+
+
+def tiny_cnn(n_out=10):
+    "A small BatchNorm + dropout CNN: cheap, and exercises both train-mode behaviours"
+    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1),
+                         Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
+
+
+class CountForwards(Callback):
+    "Count model calls and the rows they see, per phase"
+    order = -20
+    def before_fit(self):
+        self.calls = {'train': 0, 'valid': 0}; self.rows = {'train': 0, 'valid': 0}; self.batches = {'train': 0, 'valid': 0}
+        if not hasattr(self, 'hook'): self.hook = self.learn.model.register_forward_pre_hook(self._pre)
+    def _pre(self, m, inp):
+        ph = 'train' if self.learn.training else 'valid'
+        self.calls[ph] += 1; self.rows[ph] += inp[0].shape[0]
+    def after_batch(self): self.batches['train' if self.training else 'valid'] += 1
+
+
+def pytest_collection_modifyitems(items):
+    "Star imports bring fastcore's `test_eq`, `test_fail`...: collect only the tests defined in each file"
+    items[:] = [it for it in items if not hasattr(it, 'module') or it.function.__module__ == it.module.__name__]

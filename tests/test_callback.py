@@ -1,0 +1,393 @@
+"End-to-end behaviour of `CSKD` inside fastai: the loss, the pairing, what it leaves alone, and what it composes with"
+import pickle, zipfile
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.vision.all import *
+from fastai.tabular.all import *
+from fastai.callback.training import GradientAccumulation
+from cskd_fastai.all import *
+from conftest import digits_block, tiny_cnn, CountForwards
+
+
+def cnn_learner(dls, cbs=None, **kwargs):
+    return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
+
+
+class RecordPairs(Callback):
+    "Before `CSKD` splits it: check each partner half carries its anchor's labels; record the anchors"
+    order, run_valid = CSKD.order - 1, False
+    def before_fit(self): self.anchor_ys, self.n_batches = [], 0
+    def before_batch(self):
+        y = self.yb[0]; n = len(y)//2
+        assert len(y) % 2 == 0
+        assert torch.equal(y[:n], y[n:]), "a partner is not of its anchor's class"
+        self.anchor_ys.append(y[:n].clone()); self.n_batches += 1
+
+
+class FormulaCheck(Callback):
+    "After `CSKD`: the backpropagated loss equals loss_func(pred, y) + lam*T^2*KL, computed by hand"
+    order, run_valid = CSKD.order + 1, False
+    def before_fit(self): self.checked = 0
+    def after_loss(self):
+        cb = self.learn.cskd
+        q = torch.softmax(cb.partner_pred.float()/cb.T, 1)
+        logp = torch.log_softmax(self.pred.detach().float()/cb.T, 1)
+        kl = (q*(q.clamp_min(1e-30).log() - logp)).sum(1).mean()
+        base = self.learn.loss_func(self.pred.detach(), *self.yb)
+        torch.testing.assert_close(self.loss_grad.detach(), base + cb.lam*cb.T**2*kl, rtol=1e-4, atol=1e-5)
+        self.checked += 1
+
+
+# --- the loss and the pairing -------------------------------------------------------------------------
+
+def test_loss_is_formula_and_partners_match(small_dls):
+    learn = cnn_learner(small_dls, cbs=[CSKD(lam=0.5, T=2.), RecordPairs(), FormulaCheck()])
+    learn.fit(1, 1e-3)
+    n_batches = len(small_dls.train)
+    assert learn.record_pairs.n_batches == n_batches
+    assert learn.formula_check.checked == n_batches
+    # anchors are the plain loader's items, each once
+    assert sum(len(y) for y in learn.record_pairs.anchor_ys) == n_batches*small_dls.train.bs
+
+
+def test_partners_come_from_whole_class(small_dls):
+    pdl = PairedDL(small_dls.train)
+    labels = pdl.index.labels
+    seen = set()
+    for _ in range(5):
+        pdl.randomize()
+        a, p = map(np.array, zip(*pdl.get_idxs()))
+        np.testing.assert_array_equal(labels[a], labels[p])
+        seen |= set(p.tolist())
+    assert len(seen) > 0.9*len(labels)
+
+
+def test_model_sees_anchors_only_and_validation_untouched(small_dls):
+    counter = CountForwards()
+    learn = cnn_learner(small_dls, cbs=[CSKD(), counter])
+    learn.fit(1)
+    nb, bs = len(small_dls.train), small_dls.train.bs
+    assert counter.calls['train'] == 2*nb               # anchor forward + partner forward
+    assert counter.rows['train'] == 2*nb*bs             # each of bs rows, not 2*bs
+    assert counter.calls['valid'] == len(small_dls.valid)
+    assert counter.rows['valid'] == len(small_dls.valid_ds)
+    # after the fit: one forward per batch, every item once
+    for ds_idx, n in [(0, len(small_dls.train_ds)), (1, len(small_dls.valid_ds))]:
+        counter.before_fit()
+        preds, targs = learn.get_preds(ds_idx=ds_idx)
+        assert len(preds) == len(targs) == n
+        assert counter.rows['valid'] == n
+    counter.before_fit()
+    res = learn.validate()
+    assert len(res) == 2 and counter.rows['valid'] == len(small_dls.valid_ds)
+    interp = ClassificationInterpretation.from_learner(learn)
+    assert interp.confusion_matrix().sum() == len(small_dls.valid_ds)
+    _, _, probs = learn.predict(small_dls.valid_ds.items[0])
+    assert probs.shape == (10,)
+    learn.show_results(max_n=4)
+
+
+def test_lr_find_untouched(small_dls):
+    counter = CountForwards()
+    learn = cnn_learner(small_dls, cbs=[CSKD(), counter])
+    learn.lr_find(num_it=8, show_plot=False)
+    assert counter.calls['train'] == 8 and counter.rows['train'] == 8*small_dls.train.bs
+    assert len(learn.metrics) == 1
+    assert 'kd_loss' not in learn.recorder.metric_names
+
+
+def test_kd_loss_column(small_dls):
+    learn = cnn_learner(small_dls, cbs=CSKD())
+    learn.fit(2)
+    names = learn.recorder.metric_names
+    assert names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'kd_loss', 'time']
+    kd = [v[3] for v in learn.recorder.values]
+    assert all(np.isfinite(kd)) and all(k > 0 for k in kd)
+    assert len(learn.metrics) == 1
+
+
+def test_lam_zero_records_zero_and_skips_partner_forward(small_dls):
+    counter = CountForwards()
+    learn = cnn_learner(small_dls, cbs=[CSKD(lam=0), counter])
+    learn.fit(1)
+    assert counter.calls['train'] == len(small_dls.train)
+    assert learn.recorder.values[-1][3] == 0
+
+
+def test_eval_partner_mode_restores_modes_and_keeps_bn_stats(small_dls):
+    learn = cnn_learner(small_dls, cbs=CSKD(partner_mode='eval'))
+    learn.model[0].eval()                         # a user-frozen BatchNorm block must stay in eval mode
+    bn = learn.model[1][1]
+    seen = []
+    class Spy(Callback):
+        order, run_valid = CSKD.order+1, False
+        def after_loss(self): seen.append((self.model.training, self.model[0].training, bn.num_batches_tracked.item()))
+    learn.add_cb(Spy())
+    TrainEvalCallback_before_train = learn.train_eval.before_train
+    def keep_frozen():
+        TrainEvalCallback_before_train(); learn.model[0].eval()
+    learn.train_eval.before_train = keep_frozen
+    learn.fit(1)
+    # the partner forward ran in eval mode: BatchNorm counted anchors only (one update per batch)
+    assert [s[2] for s in seen] == list(range(1, len(seen)+1))
+    assert all(s[0] and not s[1] for s in seen)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kw, name', [(dict(T=0), 'T'), (dict(T=-2), 'T'), (dict(T=float('nan')), 'T'),
+                                      (dict(lam=-1), 'lam'), (dict(lam=float('inf')), 'lam'), (dict(lam=None), 'lam'),
+                                      (dict(T=True), 'T'), (dict(partner_mode='train_mode'), 'partner_mode')])
+def test_bad_hyperparameters(kw, name):
+    with pytest.raises(ValueError, match=f'`{name}`'): CSKD(**kw)
+
+
+def _regression_dls(path):
+    return DataBlock(blocks=(ImageBlock, RegressionBlock), get_items=get_image_files,
+                     get_y=lambda o: float(o.parent.name), splitter=GrandparentSplitter(valid_name='valid'),
+                     item_tfms=Resize(16)).dataloaders(path, bs=16, num_workers=0)
+
+def _multilabel_dls(path):
+    return DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_items=get_image_files,
+                     get_y=lambda o: [o.parent.name, 'odd' if int(o.parent.name) % 2 else 'even'],
+                     splitter=GrandparentSplitter(valid_name='valid'), item_tfms=Resize(16)).dataloaders(path, bs=16, num_workers=0)
+
+def _unlabelled_dls(path):
+    return DataBlock(blocks=(ImageBlock,), get_items=get_image_files, splitter=GrandparentSplitter(valid_name='valid'),
+                     item_tfms=Resize(16)).dataloaders(path, bs=16, num_workers=0)
+
+@pytest.mark.parametrize('make, n_out', [(_regression_dls, 1), (_multilabel_dls, 12), (_unlabelled_dls, 10)])
+def test_unusable_targets_fail_at_fit_start(digits_path, make, n_out):
+    dls = make(digits_path)
+    learn = Learner(dls, tiny_cnn(n_out), loss_func=MSELossFlat(), cbs=CSKD())
+    train_dl, metrics = learn.dls.train, list(learn.metrics)
+    w = learn.model[-1].weight.detach().clone()
+    with pytest.raises(ValueError, match='single-label class targets'): learn.fit(1)
+    assert learn.dls.train is train_dl and list(learn.metrics) == metrics
+    assert torch.equal(w, learn.model[-1].weight)
+    assert '_do_epoch' not in learn.__dict__
+
+
+def test_model_must_return_logits(small_dls):
+    class TwoHeads(nn.Module):
+        def __init__(self): super().__init__(); self.m = tiny_cnn()
+        def forward(self, x): return self.m(x)[:, :, None]       # (n, K, 1): not (n, K)
+    learn = Learner(small_dls, TwoHeads(), loss_func=lambda p, y: F.cross_entropy(p[..., 0], y), cbs=CSKD())
+    with pytest.raises(ValueError, match=r'\(batch, classes\) tensor of logits'): learn.fit(1)
+    assert len(learn.metrics) == 0 and '_do_epoch' not in learn.__dict__
+
+
+# --- interruption -----------------------------------------------------------------------------------------
+
+class Interrupt(Callback):
+    order, run_valid = CSKD.order + 1, False
+    def __init__(self, exc, at=3, event='after_loss'): self.exc, self.at, self.event, self.i = exc, at, event, 0
+    def after_loss(self):
+        self.i += 1
+        if self.i == self.at: raise self.exc
+
+
+@pytest.mark.parametrize('exc', [KeyboardInterrupt(), RuntimeError('boom'), CancelFitException()])
+def test_interrupted_fit_leaves_learner_as_it_was(small_dls, exc):
+    learn = cnn_learner(small_dls, cbs=[CSKD(partner_mode='eval'), Interrupt(exc)])
+    train_dl, valid_dl, metrics, loss_func = learn.dls.train, learn.dls.valid, list(learn.metrics), learn.loss_func
+    dl_state = dict(train_dl.__dict__)
+    if isinstance(exc, CancelFitException): learn.fit(1)
+    else:
+        with pytest.raises(type(exc)): learn.fit(1)
+    assert learn.dls.train is train_dl and learn.dls.valid is valid_dl
+    assert {k: v for k, v in train_dl.__dict__.items() if k != 'rng'} == {k: v for k, v in dl_state.items() if k != 'rng'}
+    assert list(learn.metrics) == metrics and learn.loss_func is loss_func
+    assert '_do_epoch' not in learn.__dict__
+    assert not isinstance(getattr(learn, 'dl', None), PairedDL)
+    assert learn.cskd.pdl is None and learn.cskd.partner_xb is None
+    assert all(m.training == learn.model.training for m in learn.model.modules())
+    # and the learner still works, with CS-KD
+    learn.remove_cb(Interrupt)
+    learn.fit(1)
+    assert learn.recorder.metric_names.count('kd_loss') == 1 and len(learn.metrics) == 1
+
+
+def test_exception_in_partner_forward_restores_module_modes(small_dls):
+    class FailSecond(nn.Module):
+        def __init__(self): super().__init__(); self.m, self.n = tiny_cnn(), 0
+        def forward(self, x):
+            self.n += 1
+            if self.n == 2: raise KeyboardInterrupt
+            return self.m(x)
+    learn = Learner(small_dls, FailSecond(), cbs=CSKD(partner_mode='eval'))
+    with pytest.raises(KeyboardInterrupt): learn.fit(1)
+    assert all(m.training for m in learn.model.modules())
+    assert len(learn.metrics) == 0 and '_do_epoch' not in learn.__dict__
+
+
+def test_validate_inside_fit(small_dls):
+    class ValidateEachEpoch(Callback):
+        order = Recorder.order + 5
+        def after_epoch(self): self.res = self.learn.validate()
+    learn = cnn_learner(small_dls, cbs=[CSKD(), ValidateEachEpoch()])
+    learn.fit(2)
+    assert len(learn.validate_each_epoch.res) == 2
+    assert len(learn.metrics) == 1 and '_do_epoch' not in learn.__dict__
+
+
+# --- composition ------------------------------------------------------------------------------------------
+
+def _fit_ok(learn, n=1, method='fit', **kwargs):
+    getattr(learn, method)(n, **kwargs)
+    vals = learn.recorder.values[-1]
+    assert np.isfinite(vals[0]) and learn.recorder.metric_names[-2] == 'kd_loss' and vals[-1] > 0
+    assert len(learn.metrics) == 1
+    return learn
+
+
+def test_timm_backbone_by_name(small_dls):
+    _fit_ok(vision_learner(small_dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=CSKD()))
+
+
+def test_fine_tune_and_one_cycle(small_dls):
+    learn = vision_learner(small_dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=CSKD())
+    _fit_ok(learn, 1, 'fine_tune', freeze_epochs=1)
+    _fit_ok(cnn_learner(small_dls, cbs=CSKD()), 1, 'fit_one_cycle')
+
+
+@pytest.mark.parametrize('extra', ['mixup', 'cutmix', 'label_smoothing', 'grad_acc', 'channels_last', 'fp16'])
+def test_composes_with(small_dls, extra):
+    cbs, kw = [CSKD(), FormulaCheck()], {}
+    if extra == 'mixup': cbs.append(MixUp())
+    if extra == 'cutmix': cbs.append(CutMix())
+    if extra == 'label_smoothing': kw['loss_func'] = LabelSmoothingCrossEntropyFlat()
+    if extra == 'grad_acc': cbs.append(GradientAccumulation(n_acc=64))
+    if extra == 'channels_last': cbs.append(ChannelsLast())
+    if extra in ('mixup', 'cutmix', 'grad_acc'): cbs.remove(cbs[1])   # they change the loss after CSKD's check point
+    learn = cnn_learner(small_dls, cbs=cbs, **kw)
+    if extra == 'fp16': learn = learn.to_fp16()
+    _fit_ok(learn)
+
+
+def test_mixup_mixes_anchors_only(small_dls):
+    "MixUp runs after the split: it mixes anchors with anchors, and the KD target is the un-mixed partner"
+    seen = {}
+    class Spy(Callback):
+        order, run_valid = MixUp.order + 1, False
+        def before_batch(self):
+            seen['x'] = self.x.shape[0]; seen['partner'] = self.learn.cskd.partner_xb[0].shape[0]
+            seen['yb1'] = self.learn.mix_up.yb1[0].shape[0]
+    learn = cnn_learner(small_dls, cbs=[CSKD(), MixUp(), Spy()])
+    learn.fit(1)
+    bs = small_dls.train.bs
+    assert seen == {'x': bs, 'partner': bs, 'yb1': bs}
+
+
+def test_gradient_accumulation_scales_kd_term(small_dls):
+    grads = []
+    class Grab(Callback):
+        run_valid = False
+        def before_backward(self): grads.append((self.loss_grad.item(), self.loss.item()))
+    learn = cnn_learner(small_dls, cbs=[CSKD(lam=2.), GradientAccumulation(n_acc=64), Grab()])
+    learn.fit(1)
+    bs = small_dls.train.bs
+    for g, l in grads: assert g == pytest.approx(l*bs/64, rel=1e-5)   # the whole loss, KD included, was rescaled
+
+
+def test_tabular_learner(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 600
+    df = pd.DataFrame({'a': rng.normal(size=n), 'b': rng.normal(size=n), 'c': rng.choice(['x', 'y', 'z'], n)})
+    df['y'] = np.where(df.a + (df.c == 'x') > 0.5, 'hi', np.where(df.b > 0, 'mid', 'lo'))
+    dls = TabularDataLoaders.from_df(df, path=tmp_path, procs=[Categorify, Normalize], cat_names=['c'],
+                                     cont_names=['a', 'b'], y_names='y', bs=64, valid_idx=list(range(500, 600)))
+    learn = tabular_learner(dls, layers=[32], metrics=accuracy, cbs=[CSKD(), RecordPairs(), FormulaCheck()])
+    _fit_ok(learn, 2)
+    assert learn.record_pairs.n_batches == len(dls.train)
+
+
+def test_plain_learner_custom_model_tensor_dataset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 6, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    dls = DataLoaders.from_dsets(TensorDataset(x[:400], y[:400]), TensorDataset(x[400:], y[400:]), bs=32, device='cpu')
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=[CSKD(), RecordPairs(), FormulaCheck()])
+    _fit_ok(learn, 2, lr=1e-2)
+
+
+# --- state, export, reproducibility -------------------------------------------------------------------------
+
+def test_export_load_learner_carries_no_pairing_state(small_dls, tmp_path):
+    learn = cnn_learner(small_dls, cbs=CSKD(lam=0.3, T=2.))
+    learn.path = tmp_path
+    learn.fit(1)
+    learn.export('cskd.pkl')
+    with zipfile.ZipFile(tmp_path/'cskd.pkl') as z:
+        data = b''.join(z.read(n) for n in z.namelist() if n.endswith('.pkl'))
+    assert b'ClassIndex' not in data and b'PairedDL' not in data
+    learn2 = load_learner(tmp_path/'cskd.pkl')
+    cb = learn2.cskd
+    assert (cb.lam, cb.T, cb.pdl) == (0.3, 2., None)
+    _, _, probs = learn2.predict(small_dls.valid_ds.items[0])
+    assert probs.shape == (10,)
+
+
+def test_export_with_paired_dataloaders(digits_path, tmp_path):
+    dls = digits_block(320).paired_dataloaders(digits_path, bs=32, num_workers=0)
+    learn = cnn_learner(dls, cbs=CSKD())
+    learn.path = tmp_path
+    learn.fit(1)
+    assert learn.dls.train is dls.train                        # used as it is
+    learn.export('p.pkl')
+    with zipfile.ZipFile(tmp_path/'p.pkl') as z:
+        data = b''.join(z.read(n) for n in z.namelist() if n.endswith('.pkl'))
+    assert b'ClassIndex' not in data
+    assert len(load_learner(tmp_path/'p.pkl').get_preds(dl=dls.valid)[0]) == len(dls.valid_ds)
+
+
+def _seeded_run(path, seed):
+    set_seed(seed, reproducible=True)
+    dls = digits_block(320).dataloaders(path, bs=32, num_workers=0)
+    learn = cnn_learner(dls, cbs=[CSKD(), RecordPairs()])
+    learn.fit(1)
+    return learn.recorder.losses, learn.record_pairs.anchor_ys, learn.recorder.values
+
+
+def test_seeded_runs_reproduce(digits_path):
+    l1, y1, v1 = _seeded_run(digits_path, 7)
+    l2, y2, v2 = _seeded_run(digits_path, 7)
+    l3, _, _ = _seeded_run(digits_path, 8)
+    assert [float(o) for o in l1] == [float(o) for o in l2]
+    assert all(torch.equal(a, b) for a, b in zip(y1, y2)) and v1 == v2
+    assert [float(o) for o in l1] != [float(o) for o in l3]
+
+
+def test_same_anchor_order_as_plain_fit(digits_path):
+    "With the same seed, CS-KD sees the anchors in the same order as a plain fit"
+    orders = []
+    for cbs in ([], [CSKD()]):
+        set_seed(3)
+        dls = digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
+        ys = []
+        class Grab(Callback):
+            order, run_valid = CSKD.order + 1, False
+            def before_batch(self): ys.append(self.yb[0].clone())
+        cnn_learner(dls, cbs=cbs + [Grab()]).fit(1)
+        orders.append(torch.cat(ys))
+    assert torch.equal(*orders)
+
+
+def test_single_item_class_and_absent_class(digits_path):
+    "A class with one training item pairs with itself; a class with none is fine"
+    def get_items(p):
+        fs = get_image_files(p)
+        trn = [f for f in fs if f.parent.parent.name == 'train' and f.parent.name not in ('8', '9')][:300]
+        one_eight = [f for f in fs if f.parent.parent.name == 'train' and f.parent.name == '8'][:1]
+        return L(trn + one_eight) + L(f for f in fs if f.parent.parent.name == 'valid')
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=[str(i) for i in range(10)])), get_items=get_items,
+                    get_y=parent_label, splitter=GrandparentSplitter(valid_name='valid'),
+                    item_tfms=Resize(16)).dataloaders(digits_path, bs=32, num_workers=0)
+    pdl = PairedDL(dls.train)
+    assert len(pdl.index.members(9)) == 0 and len(pdl.index.members(8)) == 1
+    eight = pdl.index.members(8)[0]
+    assert (pdl.index.sample([eight]*20) == eight).all()
+    _fit_ok(cnn_learner(dls, cbs=[CSKD(), RecordPairs()]))
