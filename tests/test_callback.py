@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai.callback.training import GradientAccumulation
+from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
 from conftest import digits_block, tiny_cnn, CountForwards
 
@@ -227,7 +228,11 @@ def test_exception_in_partner_forward_restores_module_modes(small_dls):
 def test_validate_inside_fit(small_dls):
     class ValidateEachEpoch(Callback):
         order = Recorder.order + 5
-        def after_epoch(self): self.res = self.learn.validate()
+        def before_fit(self):
+            if not hasattr(self, 'res'): self.res = []
+        def after_epoch(self):
+            if self.learn.lock.locked(): return     # this is the inner validate's own `after_epoch`
+            self.res.append(self.learn.validate())
     learn = cnn_learner(small_dls, cbs=[CSKD(), ValidateEachEpoch()])
     learn.fit(2)
     assert len(learn.validate_each_epoch.res) == 2
@@ -296,13 +301,13 @@ def test_gradient_accumulation_scales_kd_term(small_dls):
 def test_tabular_learner(tmp_path):
     rng = np.random.default_rng(0)
     n = 600
-    df = pd.DataFrame({'a': rng.normal(size=n), 'b': rng.normal(size=n), 'c': rng.choice(['x', 'y', 'z'], n)})
-    df['y'] = np.where(df.a + (df.c == 'x') > 0.5, 'hi', np.where(df.b > 0, 'mid', 'lo'))
-    dls = TabularDataLoaders.from_df(df, path=tmp_path, procs=[Categorify, Normalize], cat_names=['c'],
+    df = pd.DataFrame({'a': rng.normal(size=n), 'b': rng.normal(size=n), 'col': rng.choice(['x', 'y', 'z'], n)})
+    df['y'] = np.where(df.a + (df.col == 'x') > 0.5, 'hi', np.where(df.b > 0, 'mid', 'lo'))
+    dls = TabularDataLoaders.from_df(df, path=tmp_path, procs=[Categorify, Normalize], cat_names=['col'],
                                      cont_names=['a', 'b'], y_names='y', bs=64, valid_idx=list(range(500, 600)))
     learn = tabular_learner(dls, layers=[32], metrics=accuracy, cbs=[CSKD(), RecordPairs(), FormulaCheck()])
     _fit_ok(learn, 2)
-    assert learn.record_pairs.n_batches == len(dls.train)
+    assert learn.record_pairs.n_batches == 2*len(dls.train)
 
 
 def test_plain_learner_custom_model_tensor_dataset():
