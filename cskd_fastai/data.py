@@ -216,7 +216,6 @@ def show_batch(self:PairedDL,
     if not show: return res
     if is_img:
         for i,ax in enumerate(ctxs): ax.set_title(f"{('anchor','partner')[i%2]}: {ax.get_title()}")
-    return ctxs
 
 # %% ../nbs/00_data.ipynb #20883ec8
 def paired_dls(dls:DataLoaders, labels=None) -> DataLoaders:
