@@ -11,8 +11,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import store_attr
-from fastai.torch_core import find_bs
+from fastai.torch_core import find_bs, num_distrib, maybe_gather
 from fastai.callback.core import Callback, CancelEpochException, CancelFitException
 from fastai.callback.mixup import MixHandler
 from fastai.learner import ValueMetric
@@ -41,6 +42,10 @@ def _check_number(name, v, allow_zero):
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {v}.")
     return v
+
+def _unwrap_ddp(model):
+    "The module a no-grad forward goes through: the one inside `DistributedDataParallel`, which has nothing to sync"
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 @contextmanager
 def _all_eval(model):
@@ -107,6 +112,8 @@ class CSKD(Callback):
         self.partner_xb = tuple(torch.Tensor.as_subclass(x[n:], torch.Tensor) for x in self.xb)
         self.learn.xb = tuple(x[:n] for x in self.xb)
         self.learn.yb = tuple(y[:n] for y in self.yb)
+        # fastai's `DistributedDL` counts the rows it yields to drop its padding from gathered predictions: anchors only
+        if getattr(self.dl, 'dl', None) is self.pdl and hasattr(self.dl, 'i'): self.dl.i -= n
 
     def after_loss(self):
         "Forward the partners without gradient and add `lam * T**2 * KL` to the loss"
@@ -119,7 +126,7 @@ class CSKD(Callback):
         if self.lam == 0: kd = pred.new_zeros(())
         else:
             with torch.no_grad(), (_all_eval(self.model) if self.partner_mode == 'eval' else nullcontext()):
-                self.partner_pred = self.model(*pxb).detach()
+                self.partner_pred = _unwrap_ddp(self.model)(*pxb).detach()
             kd = self.lam * cskd_loss(pred, self.partner_pred, self.T)
         self.learn.loss_grad = self.loss_grad + kd
         self.learn.loss = self.loss + kd.detach()
@@ -127,9 +134,15 @@ class CSKD(Callback):
         self._kd_sum += kd.detach()*bs
         self._kd_n += bs
 
+    def after_train(self):
+        "In distributed training, sum the KD term and its count over the processes"
+        if not self.active or num_distrib() <= 1: return
+        t = torch.tensor([float(self._kd_sum), self._kd_n], dtype=torch.float64, device=self.dl.device)
+        self._kd_sum,self._kd_n = maybe_gather(t).view(-1, 2).sum(0).tolist()
+
     def _kd_value(self):
         "Average KD term of the last training phase"
-        return (self._kd_sum/self._kd_n).item() if self._kd_n else None
+        return float(self._kd_sum/self._kd_n) if self._kd_n else None
 
     def _restore(self):
         "Put back everything `before_fit` changed"

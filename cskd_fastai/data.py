@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #4e1a113d
 from __future__ import annotations
-import random, tempfile, warnings, weakref
+import random, sys, tempfile, warnings, weakref
 from copy import copy
 from pathlib import Path
 
@@ -132,6 +132,12 @@ def class_index(dl, labels=None) -> ClassIndex:
     except TypeError: pass
     return res
 
+# %% ../nbs/00_data.ipynb #40694900
+def _is_distributed_dl(dl):
+    "Whether `dl` is fastai's `DistributedDL` (checked without importing `fastai.distributed`, which needs accelerate)"
+    ddl = getattr(sys.modules.get('fastai.distributed'), 'DistributedDL', None)
+    return ddl is not None and isinstance(dl, ddl)
+
 # %% ../nbs/00_data.ipynb #4790d31d
 class PairedDL(DataLoader):
     "Wrap training loader `dl`: each batch holds `bs` anchors followed by one same-class partner for each"
@@ -142,6 +148,8 @@ class PairedDL(DataLoader):
         index:ClassIndex|None=None, # A prebuilt `ClassIndex` (overrides `labels`)
     ):
         if isinstance(dl, PairedDL): dl = dl.dl
+        if _is_distributed_dl(dl): raise ValueError("Pair the plain loader, then shard it: `DistributedDL(PairedDL(dl))`, "
+                                                    "not `PairedDL(DistributedDL(dl))`.")
         if getattr(dl, 'bs', None) is None: raise ValueError("PairedDL needs a batched loader (`bs` is None).")
         if not getattr(dl, 'indexed', True): raise ValueError("PairedDL needs an indexed (map-style) dataset.")
         self.dl = dl
