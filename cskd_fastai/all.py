@@ -2,3 +2,4 @@
 from fastai.vision.all import *
 from .data import *
 from .callback import *
+from .calibration import *
