@@ -1,0 +1,156 @@
+"""CS-KD's overhead: epoch time and peak memory of a fastai fit with and without `CSKD()`, against a
+minimal plain-PyTorch loop of the paper's recipe, plus the time to build the class index.
+
+Same model (timm `resnet10t`, 10 classes), same images, batch size, optimizer (Adam) and
+augmentation (random horizontal flip) everywhere. Each configuration runs in its own child process
+(so that its peak memory can be read), and the configurations are alternated over `--repeats`
+rounds so that drift in machine speed hits all of them. Not part of the test run.
+
+    python benchmarks/overhead.py --data ../shared/data/cifar10-jpg.tgz [--n-per-class 300] [--repeats 3]
+
+Without `--data` it uses the bundled digits (upscaled to 32 px). Ends with one JSON line.
+"""
+import argparse, json, os, resource, statistics, subprocess, sys, time, warnings
+from pathlib import Path
+os.environ.setdefault('MPLBACKEND', 'Agg')
+warnings.filterwarnings('ignore')
+
+CONFIGS = ('fastai', 'fastai+cskd', 'torch+cskd')
+
+
+def _files(root, split, n_per_class):
+    "Sorted (path, class index) pairs, the first `n_per_class` of each class"
+    classes = sorted(d.name for d in (root/split).iterdir() if d.is_dir())
+    res = []
+    for i, c in enumerate(classes):
+        fs = sorted(f for f in (root/split/c).iterdir() if f.suffix.lower() in ('.png', '.jpg', '.jpeg'))
+        res += [(f, i) for f in fs[:n_per_class]]
+    return res, classes
+
+
+def _rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024
+
+
+def child(cfg, root, n_per_class, bs, size, epochs, workers, seed):
+    "One configuration in this process: returns seconds per training epoch and memory figures"
+    import numpy as np, torch, timm
+    import torch.nn.functional as F
+    from PIL import Image
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    root = Path(root)
+    items, classes = _files(root, 'train', n_per_class)
+    torch.manual_seed(seed)
+    model = timm.create_model('resnet10t', pretrained=False, num_classes=len(classes))
+    times = []
+    if cfg.startswith('fastai'):
+        from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, FlipItem, Resize, Learner, set_seed,
+                                       IndexSplitter, Callback)
+        from cskd_fastai.all import CSKD
+        set_seed(seed)
+        class Timer(Callback):
+            order = 100
+            def before_train(self): self.t0 = time.perf_counter()
+            def after_train(self): times.append(time.perf_counter() - self.t0)
+        db = DataBlock((ImageBlock, CategoryBlock(vocab=classes)), get_x=lambda o: o[0], get_y=lambda o: classes[o[1]],
+                       splitter=IndexSplitter([]), item_tfms=[Resize(size), FlipItem(0.5)])
+        dls = db.dataloaders(items, bs=bs, num_workers=workers, drop_last=True)
+        cbs = [Timer()] + ([CSKD()] if cfg == 'fastai+cskd' else [])
+        learn = Learner(dls, model, cbs=cbs)
+        base = _rss_mb()
+        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
+    else:
+        from cskd_fastai.all import cskd_loss
+        class Pairs(torch.utils.data.Dataset):
+            "The paper's recipe: each item comes with a random same-class partner, both augmented on their own"
+            def __init__(self, items):
+                self.items, self.labels = items, np.array([c for _, c in items])
+                self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(classes))]
+            def __len__(self): return len(self.items)
+            def load(self, i):
+                im = Image.open(self.items[i][0]).convert('RGB').resize((size, size))
+                x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()/255
+                return x.flip(2) if torch.rand(()) < 0.5 else x
+            def __getitem__(self, i):
+                y = self.labels[i]
+                j = self.by_class[y][torch.randint(len(self.by_class[y]), ()).item()]
+                return self.load(i), self.load(j), y
+        dl = torch.utils.data.DataLoader(Pairs(items), batch_size=bs, shuffle=True, drop_last=True, num_workers=workers)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        base = _rss_mb()
+        for _ in range(epochs):
+            model.train(); t0 = time.perf_counter()
+            for x, xp, y in dl:
+                logits = model(x)
+                with torch.no_grad(): plog = model(xp)
+                loss = F.cross_entropy(logits, y) + cskd_loss(logits, plog, 4.)
+                opt.zero_grad(); loss.backward(); opt.step()
+            times.append(time.perf_counter() - t0)
+    n_steps = len(items)//bs
+    return dict(cfg=cfg, epoch_s=times[1:] or times, imgs_per_s=[n_steps*bs/t for t in (times[1:] or times)],
+                peak_rss_mb=_rss_mb(), setup_rss_mb=base)
+
+
+def index_times(sizes=(10**4, 10**5, 10**6), n_classes=100, reps=3):
+    import numpy as np
+    from cskd_fastai.all import ClassIndex
+    rng, res = np.random.default_rng(0), {}
+    for n in sizes:
+        labels = rng.integers(0, n_classes, n)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); ClassIndex(labels); ts.append(time.perf_counter() - t0)
+        res[n] = min(ts)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', default=None, help="folder in train/<class> layout or a .tgz of one (default: digits)")
+    p.add_argument('--n-per-class', type=int, default=300); p.add_argument('--bs', type=int, default=64)
+    p.add_argument('--size', type=int, default=32); p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=3); p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--child', default=None, help=argparse.SUPPRESS); p.add_argument('--root', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed)))
+        return
+    from cskd_fastai.compare import image_folder
+    root, _ = image_folder(a.data)
+    res = {c: [] for c in CONFIGS}
+    for r in range(a.repeats):
+        for cfg in CONFIGS:
+            cmd = [sys.executable, __file__, '--child', cfg, '--root', str(root), '--n-per-class', str(a.n_per_class),
+                   '--bs', str(a.bs), '--size', str(a.size), '--epochs', str(a.epochs), '--workers', str(a.workers),
+                   '--seed', str(r)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+            if out.returncode or not line: sys.exit(f"{cfg} failed:\n{out.stderr[-3000:]}")
+            d = json.loads(line[-1][7:]); res[cfg].append(d)
+            print(f"round {r} {cfg:<12} {statistics.median(d['epoch_s']):6.2f} s/epoch  "
+                  f"{statistics.median(d['imgs_per_s']):6.1f} anchors/s  peak RSS {d['peak_rss_mb']:.0f} MB "
+                  f"(setup {d['setup_rss_mb']:.0f} MB)", flush=True)
+    med = lambda cfg, k: statistics.median(x for d in res[cfg] for x in d[k])
+    mem = lambda cfg: statistics.median(d['peak_rss_mb'] - d['setup_rss_mb'] for d in res[cfg])
+    peak = lambda cfg: statistics.median(d['peak_rss_mb'] for d in res[cfg])
+    idx = index_times()
+    figs = dict(
+        data=str(root), n_train=len(_files(root, 'train', a.n_per_class)[0]), arch='resnet10t', size=a.size, bs=a.bs,
+        workers=a.workers, threads=os.cpu_count(), repeats=a.repeats,
+        epoch_s={c: round(med(c, 'epoch_s'), 3) for c in CONFIGS},
+        epoch_time_ratio_cskd_over_plain=round(med('fastai+cskd', 'epoch_s')/med('fastai', 'epoch_s'), 3),
+        peak_rss_ratio_cskd_over_plain=round(peak('fastai+cskd')/peak('fastai'), 3),
+        training_rss_growth_mb={c: round(mem(c), 1) for c in CONFIGS},
+        throughput_fastai_cskd_over_torch_loop=round(med('fastai+cskd', 'imgs_per_s')/med('torch+cskd', 'imgs_per_s'), 3),
+        index_build_s={str(n): round(t, 5) for n, t in idx.items()})
+    print(f"\nepoch time: fastai {figs['epoch_s']['fastai']:.2f} s, fastai+CSKD {figs['epoch_s']['fastai+cskd']:.2f} s, "
+          f"plain-PyTorch CS-KD loop {figs['epoch_s']['torch+cskd']:.2f} s")
+    print(f"CS-KD / plain fastai epoch-time ratio: {figs['epoch_time_ratio_cskd_over_plain']:.2f} (target <= 1.35)")
+    print(f"CS-KD / plain fastai peak-RSS ratio: {figs['peak_rss_ratio_cskd_over_plain']:.2f} (target <= 1.15)")
+    print(f"fastai+CSKD throughput / plain-PyTorch CS-KD loop: {figs['throughput_fastai_cskd_over_torch_loop']:.2f} (target >= 0.9)")
+    print('class index build: ' + ', '.join(f"{int(n):,} labels {t*1000:.1f} ms" for n, t in figs['index_build_s'].items()))
+    print(json.dumps(figs))
+
+
+if __name__ == '__main__':
+    main()
