@@ -44,16 +44,16 @@ def child(cfg, root, n_per_class, bs, size, epochs, workers, seed):
     times = []
     if cfg.startswith('fastai'):
         from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, FlipItem, Resize, Learner, set_seed,
-                                       IndexSplitter, Callback)
+                                       IndexSplitter, Callback, parent_label)
         from cskd_fastai.all import CSKD
         set_seed(seed)
         class Timer(Callback):
             order = 100
             def before_train(self): self.t0 = time.perf_counter()
             def after_train(self): times.append(time.perf_counter() - self.t0)
-        db = DataBlock((ImageBlock, CategoryBlock(vocab=classes)), get_x=lambda o: o[0], get_y=lambda o: classes[o[1]],
+        db = DataBlock((ImageBlock, CategoryBlock(vocab=classes)), get_y=parent_label,
                        splitter=IndexSplitter([]), item_tfms=[Resize(size), FlipItem(0.5)])
-        dls = db.dataloaders(items, bs=bs, num_workers=workers, drop_last=True)
+        dls = db.dataloaders([f for f, _ in items], bs=bs, num_workers=workers, drop_last=True)
         cbs = [Timer()] + ([CSKD()] if cfg == 'fastai+cskd' else [])
         learn = Learner(dls, model, cbs=cbs)
         base = _rss_mb()
