@@ -174,7 +174,9 @@ def compare(
             s_per_epoch = float(np.mean(learn._train_timer.times))
             names = learn.recorder.metric_names[1:-1]
             curves.setdefault(m, []).append(pd.DataFrame([list(v) for v in learn.recorder.values], columns=names))
-            interp = CalibrationInterpretation.from_learner(learn)
+            with ExitStack() as stack:
+                if not verbose: stack.enter_context(learn.no_bar())   # get_preds draws a bar of its own
+                interp = CalibrationInterpretation.from_learner(learn)
             probs, targs = interp.probs, interp.targs
             top1 = (probs.argmax(1) != targs).float().mean().item()
             preds[f'{m}/{seed}/probs'], preds[f'{m}/{seed}/targs'] = probs.numpy().astype(np.float32), targs.numpy()
