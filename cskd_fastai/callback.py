@@ -17,7 +17,7 @@ from fastai.torch_core import find_bs, num_distrib, maybe_gather
 from fastai.callback.core import Callback, CancelEpochException, CancelFitException
 from fastai.callback.mixup import MixHandler
 from fastai.learner import ValueMetric
-from .data import PairedDL
+from .data import PairedDL, IndexedDL
 
 # %% auto #0
 __all__ = ['cskd_loss', 'CSKD']
@@ -56,6 +56,19 @@ def _all_eval(model):
     finally:
         for m,t in modes: m.training = t
 
+def _kl_rows(anchor_logits, partner_logits, T):
+    "Per-row `KL(softmax(partner/T) || softmax(anchor/T))`"
+    log_p = F.log_softmax(anchor_logits.float()/T, dim=1)
+    log_q = F.log_softmax(partner_logits.detach().float()/T, dim=1)
+    return (log_q.exp()*(log_q-log_p)).sum(1)
+
+def _all_gather_rows(t):
+    "Concatenate `t` (same shape on every process) from all processes along the first dimension"
+    import torch.distributed as dist
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
 # %% ../nbs/01_callback.ipynb #06c915e3
 class CSKD(Callback):
     "Class-wise self-knowledge distillation (Yun et al., CVPR 2020): match each anchor's softened prediction to a same-class partner's"
@@ -64,32 +77,73 @@ class CSKD(Callback):
         lam:float=1., # Weight λ of the KD term (>= 0; 0 trains with plain loss on the anchors)
         T:float=4., # Softmax temperature (> 0)
         partner_mode:str='train', # Mode of the partner forward: 'train' (the paper) or 'eval'
+        partner:str='forward', # 'forward': load partners and run them through the model (the paper); 'cache': use a same-class item's last anchor logits
+        cache_mb:float=1024., # With `partner='cache'`: refuse to fit if the cache (items × classes × 2 bytes) would exceed this many MiB
     ):
         lam,T = _check_number('lam', lam, allow_zero=True),_check_number('T', T, allow_zero=False)
+        cache_mb = _check_number('cache_mb', cache_mb, allow_zero=False)
         if partner_mode not in ('train', 'eval'):
             raise ValueError(f"`partner_mode` must be 'train' or 'eval', got {partner_mode!r}.")
+        if partner not in ('forward', 'cache'):
+            raise ValueError(f"`partner` must be 'forward' or 'cache', got {partner!r}.")
+        if partner == 'cache' and partner_mode != 'train':
+            raise ValueError("`partner_mode` applies to `partner='forward'` only: the cache holds the logits of "
+                             "the anchors' own training forward passes.")
         store_attr()
         self._depth = 0
+        self.clear_cache()
         self._clear()
 
     def _clear(self):
         self.active,self.pdl,self.partner_xb,self.partner_pred = False,None,None,None
+        self.anchor_idx,self.partner_idx = None,None
         self._base,self._old_metrics = None,None
 
+    def clear_cache(self):
+        "Drop the partner cache (it otherwise lives on between fits on the same training set)"
+        self.cache,self.seen,self._cache_index,self._tensors = None,None,None,None
+
+    def __getstate__(self):
+        "Pickle (`learn.export`) without the partner cache"
+        d = dict(self.__dict__)
+        for k in ('cache', 'seen', '_cache_index', '_tensors'): d[k] = None
+        return d
+
     def before_fit(self):
-        "Pair the training loader, add the `kd_loss` column, guard the epoch loop"
+        "Pair (or index) the training loader, add the `kd_loss` column, guard the epoch loop"
         self._depth += 1
         if self._depth > 1: return          # `validate`/`get_preds`/`tta` called inside a fit
         self._clear()
-        self._base = self.dls.train.dl if isinstance(self.dls.train, PairedDL) else self.dls.train
+        self._base = self.dls.train.dl if isinstance(self.dls.train, (PairedDL, IndexedDL)) else self.dls.train
         # `validate` and `get_preds` also fire `before_fit` (holding `learn.lock`); `lr_find` trains on plain batches
         if self.learn.lock.locked() or hasattr(self.learn, 'gather_preds') or hasattr(self.learn, 'lr_finder'): return
-        pdl = self.dls.train if isinstance(self.dls.train, PairedDL) else PairedDL(self.dls.train)
+        try:
+            if self.partner == 'cache': pdl = self._cache_dl()
+            else: pdl = self.dls.train if isinstance(self.dls.train, PairedDL) else PairedDL(self._base)
+        except BaseException: self._depth -= 1; self._clear(); raise
         self.pdl,self.active = pdl,True
         self._kd_sum,self._kd_n = 0.,0
         self._old_metrics = self.learn.metrics
         self.learn.metrics = self._old_metrics + [ValueMetric(self._kd_value, 'kd_loss')]
         self._guard_epochs()
+
+    def _cache_dl(self):
+        "The `IndexedDL` of the training set, after checking the cache fits in `cache_mb` (kept if the training set is the same)"
+        idl = self.dls.train if isinstance(self.dls.train, IndexedDL) else IndexedDL(self._base)
+        n,k = len(idl.index),max(idl.index.n_classes, getattr(self.dls, 'c', 0) or 0)
+        self._check_budget(n, k)
+        if self._cache_index is not idl.index: self.clear_cache()
+        self._cache_index = idl.index
+        return idl
+
+    def _check_budget(self, n, k):
+        _digits = lambda v: 0 if v >= 100 else 2 if v >= 1 else 4
+        mib = n*k*2/2**20
+        if mib > self.cache_mb:
+            self.clear_cache()
+            raise ValueError(f"`CSKD(partner='cache')` needs {n:,} items × {k:,} classes × 2 bytes = {mib:,.{_digits(mib)}f} MiB for "
+                             f"its cache, more than `cache_mb={self.cache_mb:g}`. Raise `cache_mb`, or use "
+                             "`partner='forward'`, which needs no cache.")
 
     def _guard_epochs(self):
         learn,do_epoch = self.learn,self.learn._do_epoch
@@ -100,13 +154,18 @@ class CSKD(Callback):
         learn._do_epoch = _guarded_epoch
 
     def before_train(self):
-        "Train on the paired loader (on the plain one during `lr_find`)"
+        "Train on the paired (or indexed) loader (on the plain one during `lr_find`)"
         self.learn.dl = self.pdl if self.active else self._base
         self._kd_sum,self._kd_n = 0.,0
 
     def before_batch(self):
-        "Keep the anchors in `learn.xb`/`learn.yb`, put the partners aside"
+        "Keep the anchors in `learn.xb`/`learn.yb`; put the partners (or the anchors' positions) aside"
         if not self.active: return
+        if self.partner == 'cache':
+            *yb,self.anchor_idx = self.yb
+            if not len(yb): raise ValueError("CS-KD needs single-label class targets; this batch has none.")
+            self.learn.yb = tuple(yb)
+            return
         if not len(self.yb): raise ValueError("CS-KD needs single-label class targets; this batch has none.")
         n = find_bs(self.yb)//2
         self.partner_xb = tuple(torch.Tensor.as_subclass(x[n:], torch.Tensor) for x in self.xb)
@@ -116,23 +175,50 @@ class CSKD(Callback):
         if getattr(self.dl, 'dl', None) is self.pdl and hasattr(self.dl, 'i'): self.dl.i -= n
 
     def after_loss(self):
-        "Forward the partners without gradient and add `lam * T**2 * KL` to the loss"
+        "Get the partners' logits (forward without gradient, or from the cache) and add `lam * T**2 * KL` to the loss"
         if not self.active: return
-        pxb,self.partner_xb = self.partner_xb,None
         pred = self.pred
         if not isinstance(pred, torch.Tensor) or pred.ndim != 2:
             raise ValueError("CS-KD needs the model to return a (batch, classes) tensor of logits; got "
                              f"{type(pred).__name__} of shape {tuple(getattr(pred, 'shape', ()))}.")
-        if self.lam == 0: kd = pred.new_zeros(())
+        if self.partner == 'cache': kd = self._cached_kd(pred)
         else:
-            with torch.no_grad(), (_all_eval(self.model) if self.partner_mode == 'eval' else nullcontext()):
-                self.partner_pred = _unwrap_ddp(self.model)(*pxb).detach()
-            kd = self.lam * cskd_loss(pred, self.partner_pred, self.T)
+            pxb,self.partner_xb = self.partner_xb,None
+            if self.lam == 0: kd = pred.new_zeros(())
+            else:
+                with torch.no_grad(), (_all_eval(self.model) if self.partner_mode == 'eval' else nullcontext()):
+                    self.partner_pred = _unwrap_ddp(self.model)(*pxb).detach()
+                kd = self.lam * cskd_loss(pred, self.partner_pred, self.T)
         self.learn.loss_grad = self.loss_grad + kd
         self.learn.loss = self.loss + kd.detach()
         bs = find_bs(self.yb)
         self._kd_sum += kd.detach()*bs
         self._kd_n += bs
+
+    def _cached_kd(self, pred):
+        "The KD term against cached partner logits, then the anchors' logits stored (gathered over processes)"
+        idx = self.anchor_idx.to(pred.device)
+        if self.cache is None or self.cache.shape[1] != pred.shape[1] or self.cache.device != pred.device:
+            self._check_budget(len(self._cache_index), pred.shape[1])
+            self.cache = torch.zeros(len(self._cache_index), pred.shape[1], dtype=torch.float16, device=pred.device)
+            self.seen = torch.zeros(len(self._cache_index), dtype=torch.bool, device=pred.device)
+            ci = self._cache_index
+            self._tensors = [torch.as_tensor(o, device=pred.device) for o in (ci.labels, ci.order, ci.starts, ci.counts)]
+        labels,order,starts,counts = self._tensors
+        kd = pred.new_zeros((), dtype=torch.float32)
+        if self.lam > 0:
+            cls = labels[idx]
+            off = (torch.rand(len(idx), device=pred.device)*counts[cls]).long().clamp_max(counts[cls]-1)
+            self.partner_idx = order[starts[cls] + off]                 # uniform over the anchor's class
+            ok = self.seen[self.partner_idx]                           # partners never anchored yet: no KD term
+            self.partner_pred = self.cache[self.partner_idx].float()
+            kl = _kl_rows(pred, self.partner_pred, self.T) * ok
+            kd = self.lam * self.T**2 * kl.sum() / len(idx)
+        logits = pred.detach().float()
+        if num_distrib() > 1: idx,logits = _all_gather_rows(idx),_all_gather_rows(logits)
+        self.cache[idx] = logits.clamp(-6e4, 6e4).half()
+        self.seen[idx] = True
+        return kd
 
     def after_train(self):
         "In distributed training, sum the KD term and its count over the processes"

@@ -95,9 +95,10 @@ METHODS = {
     'ls':         lambda lam, T: dict(loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1)),
     'mixup':      lambda lam, T: dict(cbs=[MixUp(1.)]),
     'cskd+mixup': lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T), MixUp(1.)]),
+    'cskd-cache': lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T, partner='cache')]),
 }
 METHOD_NAMES = {'ce': 'cross-entropy', 'cskd': 'CS-KD', 'ls': 'label smoothing (0.1)', 'mixup': 'Mixup (α=1)',
-                'cskd+mixup': 'CS-KD + Mixup'}
+                'cskd+mixup': 'CS-KD + Mixup', 'cskd-cache': 'CS-KD (cache)'}
 
 # %% ../nbs/03_compare.ipynb #c73c759f
 class _TrainTimer(Callback):

@@ -20,7 +20,8 @@ from fastai.data.core import Datasets, DataLoaders
 from fastai.data.block import DataBlock
 
 # %% auto #0
-__all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'digits_folder']
+__all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'digits_folder',
+           'IndexedDL']
 
 # %% ../nbs/00_data.ipynb #1027e4f4
 _single_label_msg = "CS-KD needs single-label class targets (one integer class per item)"
@@ -139,19 +140,20 @@ def _is_distributed_dl(dl):
     return ddl is not None and isinstance(dl, ddl)
 
 # %% ../nbs/00_data.ipynb #4790d31d
-class PairedDL(DataLoader):
-    "Wrap training loader `dl`: each batch holds `bs` anchors followed by one same-class partner for each"
+class _WrappedDL(DataLoader):
+    "A loader over the items of training loader `dl` that loads them with `dl`'s own machinery, and knows their classes"
     _default = 'dl'
     def __init__(self,
-        dl:DataLoader, # The training `DataLoader` to pair
+        dl:DataLoader, # The training `DataLoader` to wrap
         labels=None, # Encoded class of every item of `dl.dataset`; read from its target pipeline if None
         index:ClassIndex|None=None, # A prebuilt `ClassIndex` (overrides `labels`)
     ):
-        if isinstance(dl, PairedDL): dl = dl.dl
-        if _is_distributed_dl(dl): raise ValueError("Pair the plain loader, then shard it: `DistributedDL(PairedDL(dl))`, "
-                                                    "not `PairedDL(DistributedDL(dl))`.")
-        if getattr(dl, 'bs', None) is None: raise ValueError("PairedDL needs a batched loader (`bs` is None).")
-        if not getattr(dl, 'indexed', True): raise ValueError("PairedDL needs an indexed (map-style) dataset.")
+        name = type(self).__name__
+        if isinstance(dl, _WrappedDL): dl = dl.dl
+        if _is_distributed_dl(dl): raise ValueError(f"Wrap the plain loader, then shard it: `DistributedDL({name}(dl))`, "
+                                                    f"not `{name}(DistributedDL(dl))`.")
+        if getattr(dl, 'bs', None) is None: raise ValueError(f"{name} needs a batched loader (`bs` is None).")
+        if not getattr(dl, 'indexed', True): raise ValueError(f"{name} needs an indexed (map-style) dataset.")
         self.dl = dl
         self.index = index if index is not None else class_index(dl, labels)
         if dl.n is not None and len(self.index) != dl.n:
@@ -173,9 +175,13 @@ class PairedDL(DataLoader):
         self.device = device
         return self
     def new(self, *args, **kwargs):
-        "A plain (unpaired) copy of the wrapped loader, see `DataLoader.new`"
+        "A plain copy of the wrapped loader, see `DataLoader.new`"
         return self.dl.new(*args, **kwargs)
 
+
+# %% ../nbs/00_data.ipynb #9a1934d6
+class PairedDL(_WrappedDL):
+    "Wrap training loader `dl`: each batch holds `bs` anchors followed by one same-class partner for each"
     def _partner_rng(self):
         rng = getattr(self.dl, 'rng', None)
         seed = rng.getstate()[1] if isinstance(rng, random.Random) else self.rng.getrandbits(64)
@@ -194,6 +200,7 @@ class PairedDL(DataLoader):
             its = [(dl.do_item(a), dl.do_item(p)) for a,p in chunk]
             its = [o for o in its if o[0] is not None and o[1] is not None]   # SkipItemException drops the pair
             if its: yield dl.do_batch([a for a,_ in its] + [p for _,p in its])
+
 
 # %% ../nbs/00_data.ipynb #84937f7c
 def split_pairs(b):
@@ -267,3 +274,23 @@ def digits_folder(
         Image.fromarray((x.reshape(8, 8)*(255/16)).astype(np.uint8)).save(f)
     (dest/'.complete').touch()
     return dest
+
+# %% ../nbs/00_data.ipynb #ad9504ca
+class IndexedDL(_WrappedDL):
+    "Wrap training loader `dl`: each batch is `dl`'s batch followed by a tensor of its items' dataset positions"
+    def get_idxs(self):
+        "The wrapped loader's order"
+        return list(self.dl.get_idxs())
+
+    def create_batches(self, samps):
+        "`dl`'s batches, each with the positions of its rows appended"
+        dl = self.dl
+        for chunk in chunked(samps, self.bs, self.drop_last):
+            its = [(i, dl.do_item(i)) for i in chunk]
+            its = [(i,o) for i,o in its if o is not None]                   # SkipItemException drops the item
+            if its: yield (*dl.do_batch([o for _,o in its]), torch.tensor([i for i,_ in its], dtype=torch.long))
+
+    def show_batch(self, b=None, max_n:int=9, ctxs=None, show:bool=True, **kwargs):
+        "Show a batch as the wrapped loader would (the positions are not shown)"
+        if b is None: b = self.one_batch()
+        return self.dl.show_batch(b=b[:-1], max_n=max_n, ctxs=ctxs, show=show, **kwargs)

@@ -102,9 +102,34 @@ def fit_once(seed, num_workers, train_metrics=False, epochs=2):
                 after=[type(learn.dls.train).__name__, type(learn.model).__name__, len(learn.metrics)])
 
 
+class RecordCache(Callback):
+    "After `CSKD(partner='cache')` took the positions off the batch: they must be the rows' positions (the second input)"
+    order, run_valid = CSKD.order + 1, False
+    def before_fit(self): self.anchors, self.positions_match, self.loaders = [], True, []
+    def before_batch(self):
+        pos = self.xb[1]
+        self.anchors += pos.tolist()
+        self.positions_match &= bool(torch.equal(self.learn.cskd.anchor_idx.cpu(), pos.cpu())) and len(self.yb) == 1
+        if not self.loaders: self.loaders = [type(self.dl).__name__, type(self.dl.dl).__name__, type(self.model).__name__]
+
+
+def fit_cache(seed, epochs=2):
+    "A fit with `CSKD(partner='cache')`: every rank should end with the same cache, holding both ranks' anchors"
+    set_seed(seed)
+    learn = Learner(make_dls(0), TinyNet(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                    cbs=[CSKD(partner='cache'), RecordCache()])
+    with learn.no_bar(), learn.distrib_ctx(sync_bn=False): learn.fit(epochs, 1e-2)
+    cb, rc = learn.cskd, learn.record_cache
+    return dict(anchors=rc.anchors, positions_match=rc.positions_match, loaders=rc.loaders,
+                cache=cb.cache.float().tolist(), seen=cb.seen.tolist(),
+                names=list(learn.recorder.metric_names), values=[[float(v) for v in vs] for vs in learn.recorder.values],
+                params=torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist())
+
+
 RUNS = dict(seed0=dict(seed=0, num_workers=0),
             seed0_again=dict(seed=0, num_workers=0),
-            seed1_workers=dict(seed=1, num_workers=1, train_metrics=True))
+            seed1_workers=dict(seed=1, num_workers=1, train_metrics=True),
+            cache=dict(seed=2, fn=fit_cache))
 
 
 def _broadcast_cpu(self, t, rank):
@@ -114,11 +139,14 @@ def _broadcast_cpu(self, t, rank):
     return t.tolist()
 
 
+def _fit(fn=fit_once, **kw): return fn(**kw)
+
+
 if __name__ == '__main__':
     # The one test-only shim: fastai broadcasts each epoch's indices with NCCL through `.cuda()` tensors; on CPU
     # (gloo) the same broadcast is done on CPU tensors. The library itself has no shim.
     DistributedDL._broadcast = _broadcast_cpu
     out, names, rank = sys.argv[1], sys.argv[2:], int(os.environ['RANK'])
     torch.set_num_threads(1)
-    res = dict(rank=rank, world_size=int(os.environ['WORLD_SIZE']), runs={n: fit_once(**RUNS[n]) for n in names})
+    res = dict(rank=rank, world_size=int(os.environ['WORLD_SIZE']), runs={n: _fit(**RUNS[n]) for n in names})
     with open(os.path.join(out, f'rank{rank}.json'), 'w') as f: json.dump(res, f)

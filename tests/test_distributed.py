@@ -22,8 +22,8 @@ LAUNCHES = {'torchrun': (['-m', 'torch.distributed.run', '--nnodes', '1', '--npr
                           '--master_addr', '127.0.0.1', '--master_port', '{port}'], ['seed0', 'seed0_again']),
             'accelerate': (['-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(N_PROC),
                             '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-                            '--main_process_port', '{port}'], ['seed1_workers'])}
-RUNS = [r for _,runs in LAUNCHES.values() for r in runs]
+                            '--main_process_port', '{port}'], ['seed1_workers', 'cache'])}
+RUNS = [r for _,runs in LAUNCHES.values() for r in runs if r != 'cache']
 
 
 def _free_port():
@@ -151,3 +151,16 @@ def test_metrics_gather_anchors_only(fits, labels):
         v = _values(r)
         assert v['train_n_rows'] == len(labels) and v['valid_n_rows'] == 64
         assert v['train_kd_loss'] == v['valid_kd_loss']
+
+
+def test_partner_cache_is_shared_across_ranks(fits):
+    "`CSKD(partner='cache')`: positions travel with the batches, and each step's logits are gathered into every rank's cache"
+    a, b = fits['cache']
+    for r in (a, b):
+        assert r['loaders'] == ['DistributedDL', 'IndexedDL', 'DistributedDataParallel']
+        assert r['positions_match']                      # the positions CSKD took off are the rows' own
+        assert r['names'][-2] == 'kd_loss' and all(vs[-1] > 0 for vs in r['values'])
+    assert np.array_equal(a['params'], b['params'])
+    assert np.array_equal(a['cache'], b['cache']) and a['seen'] == b['seen']   # one cache, the same on both ranks
+    # every item either rank trained on is cached on both (DistributedDL pads with repeats, so compare sets)
+    assert np.flatnonzero(a['seen']).tolist() == sorted(set(a['anchors']) | set(b['anchors']))

@@ -1,0 +1,133 @@
+"`CSKD(partner='cache')`: partner targets from cached anchor logits, no partner loading, no second forward"
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.vision.all import *
+from fastai.callback.training import GradientAccumulation
+from torch.utils.data import TensorDataset
+from cskd_fastai.all import *
+from conftest import digits_block, tiny_cnn, CountForwards
+
+
+def cnn_learner(dls, cbs=None, **kwargs):
+    return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
+
+
+class KDPerBatch(Callback):
+    "The KD term CSKD added in each training step (the loss it backpropagates minus cross-entropy on the anchors)"
+    order, run_valid = CSKD.order + 1, False
+    def before_fit(self): self.kd = []
+    def after_loss(self):
+        self.kd.append((self.loss_grad - F.cross_entropy(self.pred, self.yb[0])).item())
+
+
+def _fit_ok(learn, n=2, method='fit', **kwargs):
+    getattr(learn, method)(n, **kwargs)
+    vals = learn.recorder.values[-1]
+    assert np.isfinite(vals[0]) and learn.recorder.metric_names[-2] == 'kd_loss' and vals[-1] > 0
+    assert len(learn.metrics) == 1
+    return learn
+
+
+def test_one_forward_per_step_and_no_partner_loading(small_dls):
+    cf = CountForwards()
+    learn = cnn_learner(small_dls, cbs=[CSKD(partner='cache'), cf])
+    learn.fit(1)
+    n = len(small_dls.train)
+    assert cf.calls['train'] == n == cf.batches['train']           # the paper's mode runs 2 forwards per step
+    assert cf.rows['train'] == n*small_dls.train.bs                   # anchors only: no partner rows loaded
+
+
+def test_kd_starts_at_zero_and_grows_as_the_cache_fills(small_dls):
+    kd = KDPerBatch()
+    learn = cnn_learner(small_dls, cbs=[CSKD(partner='cache'), kd])
+    learn.fit(2)
+    n = len(small_dls.train)
+    assert kd.kd[0] == pytest.approx(0, abs=1e-6)                     # nothing cached before the first step
+    assert all(k > 0 for k in kd.kd[n:])                              # second epoch: every partner drawn is cached
+    cb = learn.cskd
+    assert int(cb.seen.sum()) == len(set(range(len(small_dls.train_ds))))  # every item was an anchor at least once
+
+
+@pytest.mark.parametrize('extra', ['mixup', 'cutmix', 'label_smoothing', 'grad_acc', 'fp16'])
+def test_composes_with(small_dls, extra):
+    cbs, kw = [CSKD(partner='cache')], {}
+    if extra == 'mixup': cbs.append(MixUp())
+    if extra == 'cutmix': cbs.append(CutMix())
+    if extra == 'label_smoothing': kw['loss_func'] = LabelSmoothingCrossEntropyFlat()
+    if extra == 'grad_acc': cbs.append(GradientAccumulation(n_acc=64))
+    learn = cnn_learner(small_dls, cbs=cbs, **kw)
+    if extra == 'fp16': learn = learn.to_fp16()
+    _fit_ok(learn)
+
+
+def test_fine_tune_keeps_the_cache_between_fits(small_dls):
+    learn = vision_learner(small_dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=CSKD(partner='cache'))
+    kd = KDPerBatch()
+    learn.fit(1)
+    cache = learn.cskd.cache
+    learn.add_cb(kd)
+    learn.fit(1)
+    assert learn.cskd.cache is cache                                  # same training set: the cache carries over
+    assert kd.kd[0] > 0                                               # so the second fit's first step has KD targets
+
+
+def test_new_training_set_starts_a_new_cache(small_dls, digits_path):
+    learn = cnn_learner(small_dls, cbs=CSKD(partner='cache'))
+    learn.fit(1)
+    assert learn.cskd.cache.shape == (len(small_dls.train_ds), 10)
+    learn.dls = digits_block(160).dataloaders(digits_path, bs=32, num_workers=0)
+    learn.fit(1)
+    assert learn.cskd.cache.shape == (len(learn.dls.train_ds), 10) and len(learn.dls.train_ds) != len(small_dls.train_ds)
+
+
+def test_over_budget_is_refused_before_anything_changes(small_dls):
+    cb = CSKD(partner='cache', cache_mb=1e-3)                         # 320 items × 10 classes × 2 bytes = 0.006 MiB
+    learn = cnn_learner(small_dls, cbs=cb)
+    with pytest.raises(ValueError, match=r"320 items × 10 classes × 2 bytes = 0.0061 MiB.*cache_mb=0\.001.*partner='forward'"):
+        learn.fit(1)
+    assert len(learn.metrics) == 1 and type(learn.dls.train) is TfmdDL and cb.cache is None
+    cb.cache_mb = 1.
+    _fit_ok(learn, 1)                                                  # the same learner and callback fit afterwards
+
+
+def test_lam_zero_adds_nothing(small_dls):
+    learn = cnn_learner(small_dls, cbs=CSKD(lam=0, partner='cache'))
+    learn.fit(1)
+    assert learn.recorder.values[-1][-1] == 0
+
+
+def test_plain_tensor_dataset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 6, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    dls = DataLoaders.from_dsets(TensorDataset(x[:400], y[:400]), TensorDataset(x[400:], y[400:]), bs=32, device='cpu')
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    _fit_ok(Learner(dls, model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=CSKD(partner='cache')), 2, lr=1e-2)
+
+
+def test_seeded_runs_reproduce(digits_path):
+    def run():
+        set_seed(3)
+        dls = digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
+        learn = cnn_learner(dls, cbs=CSKD(partner='cache'))
+        learn.fit(2)
+        return learn.recorder.values
+    assert run() == run()
+
+
+def test_export_leaves_the_cache_out(small_dls, tmp_path):
+    learn = cnn_learner(small_dls, cbs=CSKD(partner='cache'))
+    learn.path = tmp_path
+    learn.fit(1)
+    learn.export('m.pkl')
+    learn2 = load_learner(tmp_path/'m.pkl')
+    assert learn2.cskd.cache is None and learn2.cskd.partner == 'cache' and learn.cskd.cache is not None
+    learn2.dls = small_dls
+    _fit_ok(learn2, 1)                                                 # a loaded learner starts a new cache
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match='`partner`'): CSKD(partner='Cache')
+    with pytest.raises(ValueError, match='partner_mode'): CSKD(partner='cache', partner_mode='eval')
+    with pytest.raises(ValueError, match='cache_mb'): CSKD(partner='cache', cache_mb=-1)
