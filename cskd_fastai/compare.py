@@ -189,7 +189,7 @@ def compare(
                 interps[m] = interp
     runs = pd.DataFrame(runs)
     g = runs.groupby('method', sort=False)
-    res = g.mean(numeric_only=True).drop(columns='seed').join(g.std(numeric_only=True).drop(columns='seed'), rsuffix='_std')
+    res = g.mean(numeric_only=True).drop(columns='seed').join(g.std(numeric_only=True).drop(columns='seed').add_suffix('_std'))
     res = res.loc[list(methods)]
     res.insert(0, 'name', [METHOD_NAMES[m] for m in res.index])
     res['n_seeds'] = g.size().loc[list(methods)].values

@@ -69,10 +69,11 @@ def test_api_pages_document_every_public_name(site, page):
 def test_show_doc_signature_and_parameter_table(site):
     h = html(site, 'callback'); t = text(h)
     sec = t[t.index('CSKD¶'):]
-    assert "CSKD(lam:float=1.0, T:float=4.0, partner_mode:str='train')" in sec
+    flat = re.sub(r'\s+', ' ', sec).replace('( ', '(')
+    assert "CSKD(lam:float=1.0, T:float=4.0, partner_mode:str='train', partner:str='forward', cache_mb:float=10" in flat
     assert 'Class-wise self-knowledge distillation (Yun et al., CVPR 2020)' in sec
     assert re.search(r'<th class="head"><p><strong>Details</strong></p></th>', h)
-    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)']: assert s in sec, s
+    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)', "use a same-class item"]: assert s in sec, s
     assert 'github.com/cskd-fastai/cskd_fastai/blob/main/cskd_fastai/callback.py#L' in h     # [source]
     h = html(site, 'data')                                    # a patched method keeps its class in the name
     assert '<h3>DataBlock.paired_dataloaders<a class="headerlink"' in h
