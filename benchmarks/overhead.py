@@ -32,7 +32,7 @@ def _files(root, split, n_per_class):
 def _rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024
 
 
-def child(cfg, root, n_per_class, bs, size, epochs, workers, seed):
+def child(cfg, root, n_per_class, bs, size, epochs, workers, seed, torch_adam=False):
     "One configuration in this process: returns seconds per training epoch and memory figures"
     import numpy as np, torch, timm
     import torch.nn.functional as F
@@ -45,7 +45,7 @@ def child(cfg, root, n_per_class, bs, size, epochs, workers, seed):
     times = []
     if cfg.startswith('fastai'):
         from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, FlipItem, Resize, Learner, set_seed,
-                                       IndexSplitter, Callback, parent_label)
+                                       IndexSplitter, Callback, parent_label, OptimWrapper, partial)
         from cskd_fastai.all import CSKD
         set_seed(seed)
         class Timer(Callback):
@@ -56,7 +56,9 @@ def child(cfg, root, n_per_class, bs, size, epochs, workers, seed):
                        splitter=IndexSplitter([]), item_tfms=[Resize(size), FlipItem(0.5)])
         dls = db.dataloaders([f for f, _ in items], bs=bs, num_workers=workers, drop_last=True)
         cbs = [Timer()] + {'fastai': [], 'fastai+cskd': [CSKD()], 'fastai+cskd-cache': [CSKD(partner='cache')]}[cfg]
-        learn = Learner(dls, model, cbs=cbs)
+        # fastai's own Adam by default; `--torch-adam` gives fastai torch.optim.Adam (as the PyTorch loop uses)
+        opt_kw = dict(opt_func=partial(OptimWrapper, opt=torch.optim.Adam)) if torch_adam else {}
+        learn = Learner(dls, model, cbs=cbs, **opt_kw)
         base = _rss_mb()
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
     else:
@@ -115,9 +117,10 @@ def main():
     p.add_argument('--repeats', type=int, default=3); p.add_argument('--workers', type=int, default=0)
     p.add_argument('--child', default=None, help=argparse.SUPPRESS); p.add_argument('--root', default=None, help=argparse.SUPPRESS)
     p.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument('--torch-adam', action='store_true', help="fastai fits use torch.optim.Adam (OptimWrapper) instead of fastai's Adam")
     a = p.parse_args()
     if a.child:
-        print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed)))
+        print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed, a.torch_adam)))
         return
     from cskd_fastai.compare import image_folder
     root, _ = image_folder(a.data)
@@ -126,7 +129,7 @@ def main():
         for cfg in CONFIGS:
             cmd = [sys.executable, __file__, '--child', cfg, '--root', str(root), '--n-per-class', str(a.n_per_class),
                    '--bs', str(a.bs), '--size', str(a.size), '--epochs', str(a.epochs), '--workers', str(a.workers),
-                   '--seed', str(r)]
+                   '--seed', str(r)] + (['--torch-adam'] if a.torch_adam else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
             if out.returncode or not line: sys.exit(f"{cfg} failed:\n{out.stderr[-3000:]}")
@@ -140,7 +143,7 @@ def main():
     idx = index_times()
     figs = dict(
         data=str(root), n_train=len(_files(root, 'train', a.n_per_class)[0]), arch='resnet10t', size=a.size, bs=a.bs,
-        workers=a.workers, threads=os.cpu_count(), repeats=a.repeats,
+        workers=a.workers, threads=os.cpu_count(), repeats=a.repeats, fastai_optimizer='torch.optim.Adam' if a.torch_adam else 'fastai Adam',
         epoch_s={c: round(med(c, 'epoch_s'), 3) for c in CONFIGS},
         epoch_time_ratio_cskd_over_plain=round(med('fastai+cskd', 'epoch_s')/med('fastai', 'epoch_s'), 3),
         epoch_time_ratio_cache_over_plain=round(med('fastai+cskd-cache', 'epoch_s')/med('fastai', 'epoch_s'), 3),
