@@ -102,3 +102,12 @@ def test_interrupt_writes_nothing(tmp_path, monkeypatch, capsys):
     assert main(['compare', '--epochs', '1', '--n-per-class', '20', '--out', str(out), '--quiet']) == 130
     assert not out.exists() and not [p for p in tmp_path.iterdir()]
     assert 'nothing was written' in capsys.readouterr().err
+
+
+def test_cache_method_runs():
+    "`--methods cskd-cache` is `CSKD(partner='cache')`: a row of the table, with a KD column in its curves"
+    res = compare(methods=('cskd', 'cskd-cache'), epochs=2, n_per_class=30, verbose=False)
+    assert list(res.index) == ['cskd', 'cskd-cache'] and res.loc['cskd-cache', 'name'] == 'CS-KD (cache)'
+    assert np.isfinite(res.loc['cskd-cache', ['top1_err', 'nll', 'ece']].astype(float)).all()
+    curves = res.attrs['curves']['cskd-cache'][0]
+    assert 'kd_loss' in curves and curves['kd_loss'].iloc[-1] > 0
