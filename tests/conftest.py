@@ -41,6 +41,20 @@ def tiny_cnn(n_out=10):
                          Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
 
 
+def cnn_learner(dls, cbs=None, **kwargs):
+    "A `Learner` of `tiny_cnn` with accuracy"
+    return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
+
+
+def fit_ok(learn, n=1, method='fit', **kwargs):
+    "Fit, then check the loss is finite, the `kd_loss` column is there and positive, and the metrics are put back"
+    getattr(learn, method)(n, **kwargs)
+    vals = learn.recorder.values[-1]
+    assert np.isfinite(vals[0]) and learn.recorder.metric_names[-2] == 'kd_loss' and vals[-1] > 0
+    assert len(learn.metrics) == 1
+    return learn
+
+
 class CountForwards(Callback):
     "Count model calls and the rows they see, per phase"
     order = -20

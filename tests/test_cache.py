@@ -7,11 +7,7 @@ from fastai.vision.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
-from conftest import digits_block, tiny_cnn, CountForwards
-
-
-def cnn_learner(dls, cbs=None, **kwargs):
-    return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
+from conftest import digits_block, CountForwards, cnn_learner, fit_ok as _fit_ok
 
 
 class KDPerBatch(Callback):
@@ -20,14 +16,6 @@ class KDPerBatch(Callback):
     def before_fit(self): self.kd = []
     def after_loss(self):
         self.kd.append((self.loss_grad - F.cross_entropy(self.pred, self.yb[0])).item())
-
-
-def _fit_ok(learn, n=2, method='fit', **kwargs):
-    getattr(learn, method)(n, **kwargs)
-    vals = learn.recorder.values[-1]
-    assert np.isfinite(vals[0]) and learn.recorder.metric_names[-2] == 'kd_loss' and vals[-1] > 0
-    assert len(learn.metrics) == 1
-    return learn
 
 
 def test_one_forward_per_step_and_no_partner_loading(small_dls):
@@ -59,7 +47,7 @@ def test_composes_with(small_dls, extra):
     if extra == 'grad_acc': cbs.append(GradientAccumulation(n_acc=64))
     learn = cnn_learner(small_dls, cbs=cbs, **kw)
     if extra == 'fp16': learn = learn.to_fp16()
-    _fit_ok(learn)
+    _fit_ok(learn, 2)
 
 
 def test_fine_tune_keeps_the_cache_between_fits(small_dls):

@@ -10,11 +10,7 @@ from fastai.tabular.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
-from conftest import digits_block, tiny_cnn, CountForwards
-
-
-def cnn_learner(dls, cbs=None, **kwargs):
-    return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
+from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, fit_ok as _fit_ok
 
 
 class RecordPairs(Callback):
@@ -240,14 +236,6 @@ def test_validate_inside_fit(small_dls):
 
 
 # --- composition ------------------------------------------------------------------------------------------
-
-def _fit_ok(learn, n=1, method='fit', **kwargs):
-    getattr(learn, method)(n, **kwargs)
-    vals = learn.recorder.values[-1]
-    assert np.isfinite(vals[0]) and learn.recorder.metric_names[-2] == 'kd_loss' and vals[-1] > 0
-    assert len(learn.metrics) == 1
-    return learn
-
 
 def test_timm_backbone_by_name(small_dls):
     _fit_ok(vision_learner(small_dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=CSKD()))
