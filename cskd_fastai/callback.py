@@ -23,15 +23,19 @@ from .data import PairedDL, IndexedDL
 __all__ = ['cskd_loss', 'CSKD']
 
 # %% ../nbs/01_callback.ipynb #7c024eef
+def _kl_rows(anchor_logits, partner_logits, T):
+    "Per-row `KL(softmax(partner/T) || softmax(anchor/T))`"
+    log_p = F.log_softmax(anchor_logits.float()/T, dim=1)
+    log_q = F.log_softmax(partner_logits.detach().float()/T, dim=1)
+    return (log_q.exp()*(log_q-log_p)).sum(1)
+
 def cskd_loss(
     anchor_logits:torch.Tensor, # (n, K) logits of the anchors, with gradient
     partner_logits:torch.Tensor, # (n, K) logits of their partners; treated as constants
     T:float=4., # Temperature
 ) -> torch.Tensor:
     "`T**2 * KL(softmax(partner/T) || softmax(anchor/T))`, summed over classes and averaged over anchors"
-    log_p = F.log_softmax(anchor_logits.float()/T, dim=1)
-    log_q = F.log_softmax(partner_logits.detach().float()/T, dim=1)
-    return F.kl_div(log_p, log_q, reduction='batchmean', log_target=True) * T**2
+    return _kl_rows(anchor_logits, partner_logits, T).mean() * T**2
 
 # %% ../nbs/01_callback.ipynb #d1ceac9f
 def _check_number(name, v, allow_zero):
@@ -55,12 +59,6 @@ def _all_eval(model):
     try: yield
     finally:
         for m,t in modes: m.training = t
-
-def _kl_rows(anchor_logits, partner_logits, T):
-    "Per-row `KL(softmax(partner/T) || softmax(anchor/T))`"
-    log_p = F.log_softmax(anchor_logits.float()/T, dim=1)
-    log_q = F.log_softmax(partner_logits.detach().float()/T, dim=1)
-    return (log_q.exp()*(log_q-log_p)).sum(1)
 
 def _all_gather_rows(t):
     "Concatenate `t` (same shape on every process) from all processes along the first dimension"
