@@ -47,6 +47,16 @@ def _check_number(name, v, allow_zero):
         raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {v}.")
     return v
 
+def _check_lam(lam):
+    "A constant λ as a float, or a schedule (a callable of `pct_train`) checked at a few points"
+    if not callable(lam): return _check_number('lam', lam, allow_zero=True)
+    for pct in (0., 0.5, 1.):
+        try: v = lam(pct)
+        except Exception as e: raise ValueError(f"`lam` is callable but `lam({pct})` failed: {e!r}. A schedule takes "
+                                                 "the fraction of training done (`pct_train`, 0 to 1).") from None
+        _check_number(f'lam({pct})', v, allow_zero=True)
+    return lam
+
 def _unwrap_ddp(model):
     "The module a no-grad forward goes through: the one inside `DistributedDataParallel`, which has nothing to sync"
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -72,13 +82,13 @@ class CSKD(Callback):
     "Class-wise self-knowledge distillation (Yun et al., CVPR 2020): match each anchor's softened prediction to a same-class partner's"
     order,run_valid = MixHandler.order-1,False   # split the batch before MixUp/CutMix mix it
     def __init__(self,
-        lam:float=1., # Weight λ of the KD term (>= 0; 0 trains with plain loss on the anchors)
+        lam:float|callable=1., # Weight λ of the KD term (>= 0), or a schedule of `pct_train` (e.g. `SchedLin(0, 1)`)
         T:float=4., # Softmax temperature (> 0)
         partner_mode:str='train', # Mode of the partner forward: 'train' (the paper) or 'eval'
         partner:str='forward', # 'forward': load partners and run them through the model (the paper); 'cache': use a same-class item's last anchor logits
         cache_mb:float=1024., # With `partner='cache'`: refuse to fit if the cache (items × classes × 2 bytes) would exceed this many MiB
     ):
-        lam,T = _check_number('lam', lam, allow_zero=True),_check_number('T', T, allow_zero=False)
+        lam,T = _check_lam(lam),_check_number('T', T, allow_zero=False)
         cache_mb = _check_number('cache_mb', cache_mb, allow_zero=False)
         if partner_mode not in ('train', 'eval'):
             raise ValueError(f"`partner_mode` must be 'train' or 'eval', got {partner_mode!r}.")
@@ -172,6 +182,11 @@ class CSKD(Callback):
         # fastai's `DistributedDL` counts the rows it yields to drop its padding from gathered predictions: anchors only
         if getattr(self.dl, 'dl', None) is self.pdl and hasattr(self.dl, 'i'): self.dl.i -= n
 
+    @property
+    def lam_now(self) -> float:
+        "λ at this point of training: `lam`, or the schedule's value at `learn.pct_train`"
+        return float(self.lam(self.pct_train)) if callable(self.lam) else self.lam
+
     def after_loss(self):
         "Get the partners' logits (forward without gradient, or from the cache) and add `lam * T**2 * KL` to the loss"
         if not self.active: return
@@ -182,11 +197,11 @@ class CSKD(Callback):
         if self.partner == 'cache': kd = self._cached_kd(pred)
         else:
             pxb,self.partner_xb = self.partner_xb,None
-            if self.lam == 0: kd = pred.new_zeros(())
+            if self.lam_now == 0: kd = pred.new_zeros(())
             else:
                 with torch.no_grad(), (_all_eval(self.model) if self.partner_mode == 'eval' else nullcontext()):
                     self.partner_pred = _unwrap_ddp(self.model)(*pxb).detach()
-                kd = self.lam * cskd_loss(pred, self.partner_pred, self.T)
+                kd = self.lam_now * cskd_loss(pred, self.partner_pred, self.T)
         self.learn.loss_grad = self.loss_grad + kd
         self.learn.loss = self.loss + kd.detach()
         bs = find_bs(self.yb)
@@ -204,14 +219,14 @@ class CSKD(Callback):
             self._tensors = [torch.as_tensor(o, device=pred.device) for o in (ci.labels, ci.order, ci.starts, ci.counts)]
         labels,order,starts,counts = self._tensors
         kd = pred.new_zeros((), dtype=torch.float32)
-        if self.lam > 0:
+        if self.lam_now > 0:
             cls = labels[idx]
             off = (torch.rand(len(idx), device=pred.device)*counts[cls]).long().clamp_max(counts[cls]-1)
             self.partner_idx = order[starts[cls] + off]                 # uniform over the anchor's class
             ok = self.seen[self.partner_idx]                           # partners never anchored yet: no KD term
             self.partner_pred = self.cache[self.partner_idx].float()
             kl = _kl_rows(pred, self.partner_pred, self.T) * ok
-            kd = self.lam * self.T**2 * kl.sum() / len(idx)
+            kd = self.lam_now * self.T**2 * kl.sum() / len(idx)
         logits = pred.detach().float()
         if num_distrib() > 1: idx,logits = _all_gather_rows(idx),_all_gather_rows(logits)
         self.cache[idx] = logits.clamp(-6e4, 6e4).half()

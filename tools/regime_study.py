@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""The regime study: CS-KD against cross-entropy where cross-entropy is trained until it fits its training set.
+
+CIFAR-10 at CPU scale in the paper's recipe: a class-balanced training subset, a validation split held
+out of training (used only to fit the temperature of "cross-entropy + temperature scaling"), the full
+10,000 test images; a CIFAR-style ResNet-18 (3×3 stem, no max-pool) at a quarter of its width; SGD lr 0.1,
+momentum 0.9, weight decay 1e-4 (L2, as the paper's code), batch 128, step decay ×0.1 at 50 % and 75 %
+of training, pad-4 random crop + horizontal flip. Metrics of the final epoch only.
+
+Every run writes `<out>/<run>.json` when it ends; a run whose file exists is skipped, so the study
+resumes where it stopped. `nbs/tutorials/regime_study.ipynb` reads the files.
+
+    python tools/regime_study.py --data ../shared/data/cifar10-jpg.tgz            # the whole study
+    python tools/regime_study.py --data ... --list                                 # the runs and which are done
+    python tools/regime_study.py --data ... --smoke                                # a tiny version, to test the script
+"""
+from __future__ import annotations
+import argparse, json, math, os, sys, time, platform
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch, torch.nn as nn, torch.nn.functional as F
+
+from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.callback.schedule import ParamScheduler, SchedNo, SchedLin, combine_scheds
+from fastai.torch_core import set_seed, TensorCategory
+from cskd_fastai.callback import CSKD
+from cskd_fastai.calibration import ece, nll, fit_temperature, apply_temperature
+from cskd_fastai.compare import image_folder
+
+MEAN,STD = torch.tensor([0.4914, 0.4822, 0.4465]),torch.tensor([0.2470, 0.2435, 0.2616])
+
+# ---------------------------------------------------------------------------------------------- data
+def load_cifar(data, n_train:int, n_val:int, n_test:int|None, cache_dir=None):
+    """uint8 (N,3,32,32) tensors and labels: the first `n_train` training images of each class (sorted file names),
+    the next `n_val` as validation, and the first `n_test` test images of each class (all if None)"""
+    from PIL import Image
+    root, split = image_folder(data)
+    cache = Path(cache_dir or root.parent)/f'regime_{n_train}_{n_val}_{n_test}.pt'
+    if cache.exists(): return torch.load(cache)
+    classes = sorted(d.name for d in (root/'train').iterdir() if d.is_dir())
+    def read(files): return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])).permute(0,3,1,2).contiguous()
+    out = {k: ([], []) for k in ('train', 'valid', 'test')}
+    for c,name in enumerate(classes):
+        tr = sorted((root/'train'/name).iterdir())
+        te = sorted((root/split/name).iterdir())
+        parts = dict(train=tr[:n_train], valid=tr[n_train:n_train+n_val], test=te if n_test is None else te[:n_test])
+        if len(parts['valid']) < n_val: raise ValueError(f"class {name} has {len(tr)} training images, fewer than {n_train}+{n_val}")
+        for k,fs in parts.items(): out[k][0].append(read(fs)); out[k][1].append(torch.full((len(fs),), c))
+    res = {k: (torch.cat(x), torch.cat(y)) for k,(x,y) in out.items()}
+    res['classes'] = classes
+    try: torch.save(res, cache)
+    except OSError: pass
+    return res
+
+class ImageTensors(torch.utils.data.Dataset):
+    "Images held as one uint8 tensor; `targets` lets `cskd_fastai` read the labels without loading images"
+    def __init__(self, x, y): self.x,self.y,self.targets = x,y,y
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+
+def _normalize(x): return (x.float()/255 - MEAN[:,None,None]) / STD[:,None,None]
+
+def pad_crop_flip(x, pad=4):
+    "Each row its own random crop of the zero-padded (black-bordered) uint8 image and its own random horizontal flip"
+    n,c,h,w = x.shape
+    xp = F.pad(x, (pad,)*4)
+    i = torch.randint(0, 2*pad+1, (n,)); j = torch.randint(0, 2*pad+1, (n,))
+    rows = (i[:,None] + torch.arange(h))[:,None,:,None].expand(n,c,h,w+2*pad)
+    x = xp.gather(2, rows)
+    cols = (j[:,None] + torch.arange(w))[:,None,None,:].expand(n,c,h,w)
+    x = x.gather(3, cols)
+    flip = torch.rand(n) < 0.5
+    x[flip] = x[flip].flip(3)
+    return x
+
+def train_batch(b): return (_normalize(pad_crop_flip(b[0])), TensorCategory(b[1]), *b[2:])   # RandomCrop(32, 4) + flip, then Normalize
+def eval_batch(b):  return (_normalize(b[0]), TensorCategory(b[1]), *b[2:])
+
+def make_dls(d, bs=128, workers=0):
+    tr = DataLoader(ImageTensors(*d['train']), bs=bs, shuffle=True, drop_last=False, after_batch=train_batch, num_workers=workers)
+    va = DataLoader(ImageTensors(*d['test']), bs=512, shuffle=False, after_batch=eval_batch, num_workers=0)
+    tr.n_inp = va.n_inp = 1        # a plain DataLoader has no `n_inp`: with the cache's 3-tuples fastai would guess 2
+    dls = DataLoaders(tr, va)
+    dls.c = len(d['classes'])
+    return dls
+
+def eval_dl(x, y): return DataLoader(ImageTensors(x, y), bs=512, shuffle=False, after_batch=eval_batch, num_workers=0)
+
+# --------------------------------------------------------------------------------------------- model
+class BasicBlock(nn.Module):
+    def __init__(self, ni, nf, stride):
+        super().__init__()
+        self.conv1,self.bn1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False),nn.BatchNorm2d(nf)
+        self.conv2,self.bn2 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False),nn.BatchNorm2d(nf)
+        self.shortcut = (nn.Sequential() if stride == 1 and ni == nf else
+                         nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf)))
+    def forward(self, x): return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+def cifar_resnet18(n_classes=10, width=16):
+    """ResNet-18 for 32-px images as in the paper's code (3×3 stem, stride 1, no max-pool; [2,2,2,2] basic blocks),
+    with stage widths `width`×(1,2,4,8) (64 in the paper)"""
+    layers, ni = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)], width
+    for s,nf in enumerate([width, 2*width, 4*width, 8*width]):
+        for b in range(2): layers.append(BasicBlock(ni, nf, 2 if (b == 0 and s > 0) else 1)); ni = nf
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_classes)]
+    return nn.Sequential(*layers)
+
+# ---------------------------------------------------------------------------------------------- runs
+def warmup(pct:float=0.5):
+    "λ from 0 to 1 linearly over the first `pct` of training (the high-learning-rate phase), then 1"
+    return combine_scheds([pct, 1-pct], [SchedLin(0., 1.), SchedNo(1., 1.)])
+
+def method_kw(method):
+    if method == 'ce':          return dict(), {}
+    if method == 'cskd':        return dict(cbs=[CSKD()]), {}
+    if method == 'cskd-cache':  return dict(cbs=[CSKD(partner='cache')]), {}
+    if method == 'cskd-warmup': return dict(cbs=[CSKD(lam=warmup())]), {}
+    if method == 'ls':          return dict(loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1)), {}
+    raise ValueError(method)
+
+def run_list(seeds=(0, 1, 2)):
+    "Every run of the study, most important first: (method, seed, fraction of the full schedule)"
+    runs = [('ce', 0, 1.), ('cskd', 0, 1.)]
+    runs += [(m, 0, f) for f in (0.1, 0.3) for m in ('ce', 'cskd', 'cskd-warmup')]
+    runs += [(m, s, 1.) for s in seeds[1:] for m in ('ce', 'cskd')]
+    runs += [('cskd-cache', 0, 1.), ('ls', 0, 1.), ('cskd-warmup', 0, 1.)]
+    return runs
+
+def run_name(method, seed, frac): return f"{method}_s{seed}_f{int(round(frac*100)):03d}"
+
+@torch.no_grad()
+def logits_of(learn, dl):
+    learn.model.eval()
+    return torch.cat([learn.model(xb) for xb,_ in dl]).float()
+
+def one_run(d, method, seed, frac, epochs, out, bs=128, width=16, workers=0, quiet=False):
+    E = max(1, int(round(epochs*frac)))
+    set_seed(seed, reproducible=True)
+    dls = make_dls(d, bs, workers)
+    kw, _ = method_kw(method)
+    model = cifar_resnet18(len(d['classes']), width)
+    opt = partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9, weight_decay=1e-4)
+    learn = Learner(dls, model, loss_func=kw.get('loss_func', CrossEntropyLossFlat()), opt_func=opt, metrics=accuracy,
+                    cbs=kw.get('cbs', []))
+    sched = ParamScheduler({'lr': combine_scheds([.5, .25, .25], [SchedNo(.1, .1), SchedNo(.01, .01), SchedNo(.001, .001)])})
+    t0 = time.perf_counter()
+    with learn.no_bar():                        # the fit table (one line an epoch) still prints, unless `quiet`
+        if quiet:
+            with learn.no_logging(): learn.fit(E, lr=0.1, cbs=sched)
+        else: learn.fit(E, lr=0.1, cbs=sched)
+    train_s = time.perf_counter() - t0
+    names = learn.recorder.metric_names[1:-1]
+    hist = [dict(zip(names, map(float, v))) for v in learn.recorder.values]
+    # final model, eval mode: test, the held-out validation split, and the clean (unaugmented) training set
+    res = {}
+    for k in ('test', 'valid', 'train'):
+        lg = logits_of(learn, eval_dl(*d[k])); y = d[k][1]
+        res[k] = (lg, y)
+    P = res['test'][0].softmax(1); y = res['test'][1]
+    Tfit = fit_temperature(res['valid'][0].double().softmax(1), res['valid'][1])
+    Pts = apply_temperature(P.double(), Tfit)
+    conf = P.max(1).values
+    r = dict(method=method, seed=seed, frac=frac, epochs=E, full_epochs=epochs, width=width, bs=bs,
+             n_train=len(d['train'][1]), n_valid=len(d['valid'][1]), n_test=len(y),
+             test_err=float((P.argmax(1) != y).float().mean()), test_nll=nll(P, y), test_ece=ece(P, y, 15),
+             mean_conf=float(conf.mean()), test_acc=float((P.argmax(1) == y).float().mean()),
+             train_acc=float((res['train'][0].argmax(1) == d['train'][1]).float().mean()),
+             train_nll=float(F.cross_entropy(res['train'][0], d['train'][1])),
+             valid_err=float((res['valid'][0].argmax(1) != res['valid'][1]).float().mean()),
+             temperature=Tfit, ts_nll=nll(Pts, y), ts_ece=ece(Pts, y, 15), ts_mean_conf=float(Pts.max(1).values.mean()),
+             train_s=train_s, s_per_epoch=train_s/E, history=hist,
+             torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out/f'.{run_name(method, seed, frac)}.json.tmp'
+    tmp.write_text(json.dumps(r, indent=1)); tmp.replace(out/f'{run_name(method, seed, frac)}.json')
+    np.savez_compressed(out/f'{run_name(method, seed, frac)}_test_logits.npz', logits=res['test'][0].half().numpy())
+    return r
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data', default=os.environ.get('CSKD_CIFAR10', '../shared/data/cifar10-jpg.tgz'))
+    p.add_argument('--out', default='nbs/tutorials/regime_study')
+    p.add_argument('--n-train', type=int, default=250, help="training images per class")
+    p.add_argument('--n-val', type=int, default=100, help="held-out validation images per class (temperature only)")
+    p.add_argument('--n-test', type=int, default=None, help="test images per class (all 1,000 if not given)")
+    p.add_argument('--epochs', type=int, default=60, help="epochs of the full schedule")
+    p.add_argument('--width', type=int, default=16)
+    p.add_argument('--only', nargs='*', default=None, help="run names to run (default: all, in order)")
+    p.add_argument('--list', action='store_true')
+    p.add_argument('--smoke', action='store_true', help="tiny data and 2 epochs into a temp folder: tests the script")
+    a = p.parse_args(argv)
+    if a.smoke:
+        import tempfile
+        a.n_train,a.n_val,a.n_test,a.epochs,a.out = 20,10,20,2,tempfile.mkdtemp(prefix='regime_smoke_')
+    out = Path(a.out)
+    runs = [r for r in run_list() if a.only is None or run_name(*r) in a.only]
+    if a.list:
+        for r in runs: print(run_name(*r), 'done' if (out/f'{run_name(*r)}.json').exists() else '-')
+        return
+    d = load_cifar(a.data, a.n_train, a.n_val, a.n_test)
+    for r in runs:
+        f = out/f'{run_name(*r)}.json'
+        if f.exists(): print(f"{f.name}: done, skipped", flush=True); continue
+        print(f"{run_name(*r)}: training", flush=True)
+        res = one_run(d, *r, epochs=a.epochs, out=out, width=a.width, quiet=a.smoke)
+        print(f"{run_name(*r)}: test error {res['test_err']:.4f}  NLL {res['test_nll']:.3f}  ECE {res['test_ece']:.4f}  "
+              f"train acc {res['train_acc']:.4f}  {res['s_per_epoch']:.1f} s/epoch", flush=True)
+        if a.smoke: print(json.dumps({k:v for k,v in res.items() if k != 'history'}))
+
+if __name__ == '__main__': main()
