@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT/'_docs'
-API_PAGES = {'data': 'Class-wise pairing', 'callback': 'The CS-KD callback', 'calibration': 'Calibration',
+API_PAGES = {'data': 'Class-wise pairing', 'callback': 'The CS-KD callback', 'metrics': 'Calibration metrics',
+             'interpret': 'Calibration interpretation',
              'compare': 'Comparing CS-KD with its baseline'}
 
 
@@ -86,11 +87,11 @@ def test_nbdev_directives_and_hidden_cells_not_shown(site):
         assert 'show_doc(' not in t, page              # show_doc cells show their output only
     assert 'NO_BAR' not in text(html(site, 'index'))              # a `#| hide` cell
     assert '_single_label_msg' not in text(html(site, 'data'))    # an `#| export` cell
-    assert 'from nbdev.showdoc import show_doc' not in text(html(site, 'calibration'))
+    assert 'from nbdev.showdoc import show_doc' not in text(html(site, 'interpret'))
 
 
 def test_plots_are_images(site):
-    h = html(site, 'calibration')
+    h = html(site, 'interpret')
     imgs = re.findall(r'<img [^>]*src="(_images/[^"]+\.png)"', h)
     assert len(imgs) >= 4
     for src in imgs: assert (site/src).stat().st_size > 1000, src
@@ -99,7 +100,7 @@ def test_plots_are_images(site):
 def test_cross_links(site):
     h = html(site, 'index')
     assert 'href="callback.html#sd-cskd"' in h                # `CSKD` -> its show_doc on the callback page
-    h = html(site, 'calibration')
+    h = html(site, 'interpret')
     assert 'href="#sd-calibrationinterpretation"' in h        # on the same page
     assert 'href="https://docs.fast.ai/' in h                  # fastai's names -> fastai's docs
     h = html(site, 'data')
