@@ -20,8 +20,7 @@ from fastai.data.core import Datasets, DataLoaders
 from fastai.data.block import DataBlock
 
 # %% auto #0
-__all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'digits_folder',
-           'IndexedDL']
+__all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'IndexedDL']
 
 # %% ../nbs/00_data.ipynb #1027e4f4
 _single_label_msg = "CS-KD needs single-label class targets (one integer class per item)"
@@ -183,9 +182,10 @@ class _WrappedDL(DataLoader):
 class PairedDL(_WrappedDL):
     "Wrap training loader `dl`: each batch holds `bs` anchors followed by one same-class partner for each"
     def _partner_rng(self):
+        "This epoch's partner draws: seeded from a copy of the wrapped loader's generator, which is left as it was"
         rng = getattr(self.dl, 'rng', None)
-        seed = rng.getstate()[1] if isinstance(rng, random.Random) else self.rng.getrandbits(64)
-        return np.random.default_rng(seed)
+        seed = copy(rng).getrandbits(64) if isinstance(rng, random.Random) else self.rng.getrandbits(64)
+        return np.random.default_rng([seed, 0xC5D])
 
     def get_idxs(self):
         "The wrapped loader's anchor order, each anchor zipped with a same-class partner"
@@ -251,30 +251,6 @@ def paired_dataloaders(self:DataBlock, source, bs:int=64, labels=None, **kwargs)
     "Create `DataLoaders` from `source` whose training loader yields anchor/partner batches (see `PairedDL`)"
     return paired_dls(self.dataloaders(source, bs=bs, **kwargs), labels)
 
-# %% ../nbs/00_data.ipynb #1a51343c
-def digits_folder(
-    dest=None, # Folder to write to; a cache folder under the system temp dir if None
-    valid_pct:float=0.2, # Fraction of each class kept for `valid`
-    seed:int=0, # Seed of the train/valid split
-) -> Path:
-    "scikit-learn's digits as PNG files in `dest/{train,valid}/<digit>/`, written once"
-    from sklearn.datasets import load_digits
-    from PIL import Image
-    dest = Path(dest) if dest is not None else Path(tempfile.gettempdir())/f'cskd_fastai_digits_{seed}_{valid_pct}'
-    if (dest/'.complete').exists(): return dest
-    X,y = load_digits(return_X_y=True)
-    rng = np.random.default_rng(seed)
-    is_valid = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        is_valid[idx[:int(round(len(idx)*valid_pct))]] = True
-    for i,(x,c,v) in enumerate(zip(X, y, is_valid)):
-        f = dest/('valid' if v else 'train')/str(c)/f'{i:04d}.png'
-        f.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((x.reshape(8, 8)*(255/16)).astype(np.uint8)).save(f)
-    (dest/'.complete').touch()
-    return dest
-
 # %% ../nbs/00_data.ipynb #ad9504ca
 class IndexedDL(_WrappedDL):
     "Wrap training loader `dl`: each batch is `dl`'s batch followed by a tensor of its items' dataset positions"
@@ -290,7 +266,25 @@ class IndexedDL(_WrappedDL):
             its = [(i,o) for i,o in its if o is not None]                   # SkipItemException drops the item
             if its: yield (*dl.do_batch([o for _,o in its]), torch.tensor([i for i,_ in its], dtype=torch.long))
 
-    def show_batch(self, b=None, max_n:int=9, ctxs=None, show:bool=True, **kwargs):
-        "Show a batch as the wrapped loader would (the positions are not shown)"
-        if b is None: b = self.one_batch()
-        return self.dl.show_batch(b=b[:-1], max_n=max_n, ctxs=ctxs, show=show, **kwargs)
+# %% ../nbs/00_data.ipynb #7cf49905
+@patch
+def show_batch(self:IndexedDL,
+    b=None, # An indexed batch; one is drawn if None
+    max_n:int=9, # Number of items to show
+    ctxs=None, # Axes to draw on
+    show:bool=True, # Whether to draw
+    **kwargs
+):
+    "Show a batch as the wrapped loader would (the positions are not shown)"
+    if b is None: b = self.one_batch()
+    return self.dl.show_batch(b=b[:-1], max_n=max_n, ctxs=ctxs, show=show, **kwargs)
+
+# %% ../nbs/00_data.ipynb #0b5fcec6
+def __getattr__(name):
+    "Names that moved to `cskd_fastai.datasets`, still importable from here for one release"
+    if name == 'digits_folder':
+        warnings.warn("`cskd_fastai.data.digits_folder` moved to `cskd_fastai.datasets.digits_folder`; the old path "
+                      "goes in the next release.", DeprecationWarning, stacklevel=2)
+        from .datasets import digits_folder
+        return digits_folder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ from fastai.vision.all import *
 from cskd_fastai.all import *
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("CSKD_TEST_THREADS", 2)))   # 1 leaves a core to a background job
 
 
 @pytest.fixture(scope='session')

@@ -31,8 +31,8 @@ from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler, SchedNo, SchedLin, combine_scheds
 from fastai.torch_core import set_seed, TensorCategory
 from cskd_fastai.callback import CSKD
-from cskd_fastai.calibration import ece, nll, fit_temperature, apply_temperature
-from cskd_fastai.compare import image_folder
+from cskd_fastai.metrics import ece, nll, fit_temperature, apply_temperature
+from cskd_fastai.datasets import image_folder
 
 MEAN,STD = torch.tensor([0.4914, 0.4822, 0.4465]),torch.tensor([0.2470, 0.2435, 0.2616])
 
@@ -85,7 +85,10 @@ def eval_batch(b):  return (_normalize(b[0]), TensorCategory(b[1]), *b[2:])
 
 def make_dls(d, bs=128, workers=0):
     tr = DataLoader(ImageTensors(*d['train']), bs=bs, shuffle=True, drop_last=False, after_batch=train_batch, num_workers=workers)
-    va = DataLoader(ImageTensors(*d['test']), bs=512, shuffle=False, after_batch=eval_batch, num_workers=0)
+    # the fit table's validation columns: 20 images a class of the held-out validation split, to watch the fit
+    # cheaply; the test metrics are computed once, at the end
+    keep = torch.cat([torch.nonzero(d['valid'][1] == c).flatten()[:20] for c in range(len(d['classes']))])
+    va = DataLoader(ImageTensors(d['valid'][0][keep], d['valid'][1][keep]), bs=512, shuffle=False, after_batch=eval_batch, num_workers=0)
     tr.n_inp = va.n_inp = 1        # a plain DataLoader has no `n_inp`: with the cache's 3-tuples fastai would guess 2
     dls = DataLoaders(tr, va)
     dls.c = len(d['classes'])
@@ -187,10 +190,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', default=os.environ.get('CSKD_CIFAR10', '../shared/data/cifar10-jpg.tgz'))
     p.add_argument('--out', default='nbs/tutorials/regime_study')
-    p.add_argument('--n-train', type=int, default=250, help="training images per class")
+    p.add_argument('--n-train', type=int, default=100, help="training images per class")
     p.add_argument('--n-val', type=int, default=100, help="held-out validation images per class (temperature only)")
     p.add_argument('--n-test', type=int, default=None, help="test images per class (all 1,000 if not given)")
-    p.add_argument('--epochs', type=int, default=60, help="epochs of the full schedule")
+    p.add_argument('--epochs', type=int, default=200, help="epochs of the full schedule (the paper's 200)")
     p.add_argument('--width', type=int, default=16)
     p.add_argument('--only', nargs='*', default=None, help="run names to run (default: all, in order)")
     p.add_argument('--list', action='store_true')
