@@ -2,6 +2,7 @@
 import os
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import warnings
+from copy import deepcopy
 import pytest
 import torch
 from fastai.vision.all import *
@@ -46,6 +47,34 @@ def cnn_learner(dls, cbs=None, **kwargs):
     return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
 
 
+class FormulaCheck(Callback):
+    """Each step's loss recomputed without `CSKD`'s own values: the paired batch is kept before `CSKD` splits it, the
+    model and the random state are copied after the anchor forward, the partner half is run through the copy (same
+    mode, same dropout draws), and the loss to backpropagate must be `loss_func(anchors) + λ T² KL` written out here"""
+    order, run_valid = -2, False                       # before CSKD (order -1): sees the whole paired batch
+    def __init__(self, tol=1e-4): self.tol, self.checked, self.lams = tol, 0, []
+    def before_batch(self):
+        self.xall = [torch.Tensor.as_subclass(x, torch.Tensor).clone() for x in self.learn.xb]
+        self.yall = [torch.Tensor.as_subclass(y, torch.Tensor).clone() for y in self.learn.yb]
+    def after_pred(self):
+        m = self.learn.model
+        self.copy, self.rng = deepcopy(getattr(m, 'module', m)), torch.get_rng_state()
+    def before_backward(self):
+        cb = self.learn.cskd
+        lam = float(cb.lam(self.learn.pct_train)) if callable(cb.lam) else cb.lam
+        n = len(self.yall[0])//2
+        if not getattr(cb.source, 'train', True): self.copy.eval()
+        torch.set_rng_state(self.rng)
+        with torch.no_grad(): target = self.copy(*[x[n:] for x in self.xall]).float()
+        a, T = torch.Tensor.as_subclass(self.learn.pred.detach(), torch.Tensor).float(), cb.T
+        q, logp = torch.softmax(target/T, 1), torch.log_softmax(a/T, 1)
+        kl = (q*(q.clamp_min(1e-30).log() - logp)).sum(1).mean()
+        base = self.learn.loss_func(self.learn.pred.detach(), *[y[:n] for y in self.yall])
+        torch.testing.assert_close(torch.Tensor.as_subclass(self.learn.loss_grad.detach(), torch.Tensor).float(),
+                                   (base + lam*T**2*kl).float().as_subclass(torch.Tensor), rtol=self.tol, atol=self.tol)
+        self.checked += 1; self.lams.append(lam)
+
+
 def fit_ok(learn, n=1, method='fit', **kwargs):
     "Fit, then check the loss is finite, the `kd_loss` column is there and positive, and the metrics are put back"
     getattr(learn, method)(n, **kwargs)
@@ -67,6 +96,14 @@ class CountForwards(Callback):
     def after_batch(self): self.batches['train' if self.training else 'valid'] += 1
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (skipped without one)')
+
+
 def pytest_collection_modifyitems(items):
-    "Star imports bring fastcore's `test_eq`, `test_fail`...: collect only the tests defined in each file"
+    "Star imports bring fastcore's `test_eq`, `test_fail`...: collect only the tests defined in each file; skip GPU tests without a GPU"
     items[:] = [it for it in items if not hasattr(it, 'module') or it.function.__module__ == it.module.__name__]
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason='needs a CUDA GPU')
+        for it in items:
+            if 'gpu' in it.keywords: it.add_marker(skip)

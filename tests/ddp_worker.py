@@ -5,6 +5,7 @@ or the same with `accelerate launch`) and reads what each rank writes to `OUT/ra
 `RUNS`, what it saw. The learner is what a user writes (`Learner(..., cbs=CSKD())`, then
 `with learn.distrib_ctx(): learn.fit(...)`); the callbacks next to `CSKD` only record."""
 import json, os, sys
+from copy import deepcopy
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,15 +67,21 @@ class RecordPairs(Callback):
 
 
 class CheckLoss(Callback):
-    "After `CSKD`: the backpropagated loss against CE + lam*T^2*KL written out from the recorded logits"
-    order, run_valid = CSKD.order + 1, False
+    """Each step's loss against CE + lam*T^2*KL recomputed without CSKD's values: the paired batch is kept before the
+    split, the inner module and the random state are copied after the anchor forward, and the partner half is run
+    through the copy here (same mode, same dropout draws)"""
+    order, run_valid = CSKD.order - 1, False
     def before_fit(self): self.max_err, self.kd, self.losses = 0., [], []
     def before_train(self): self.kd.append([0., 0])
-    def after_loss(self):
-        cb = self.learn.cskd
-        a, q = self.pred.detach().float(), torch.softmax(cb.partner_pred.float()/cb.T, 1)
+    def before_batch(self): self.xall, self.yall = [x.clone() for x in self.learn.xb], self.yb[0].clone()
+    def after_pred(self): self.copy, self.rng = deepcopy(self.learn.model.module), torch.get_rng_state()
+    def before_backward(self):
+        cb, n = self.learn.cskd, len(self.yall)//2
+        torch.set_rng_state(self.rng)
+        with torch.no_grad(): target = self.copy(*[x[n:] for x in self.xall]).float()
+        a, q = self.pred.detach().float(), torch.softmax(target/cb.T, 1)
         kd = cb.lam * cb.T**2 * (q*(q.log() - torch.log_softmax(a/cb.T, 1))).sum(1).mean()
-        expected = self.learn.loss_func(a, *self.yb) + kd
+        expected = self.learn.loss_func(a, self.yall[:n]) + kd
         self.max_err = max(self.max_err, (self.loss_grad.detach() - expected).abs().item())
         self.kd[-1][0] += kd.item()*len(a); self.kd[-1][1] += len(a)
         self.losses.append(self.loss_grad.item())
@@ -109,7 +116,7 @@ class RecordCache(Callback):
     def before_batch(self):
         pos = self.xb[1]
         self.anchors += pos.tolist()
-        self.positions_match &= bool(torch.equal(self.learn.cskd.anchor_idx.cpu(), pos.cpu())) and len(self.yb) == 1
+        self.positions_match &= bool(torch.equal(self.learn.cskd.source.pos.cpu(), pos.cpu())) and len(self.yb) == 1
         if not self.loaders: self.loaders = [type(self.dl).__name__, type(self.dl.dl).__name__, type(self.model).__name__]
 
 
@@ -119,7 +126,7 @@ def fit_cache(seed, epochs=2):
     learn = Learner(make_dls(0), TinyNet(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                     cbs=[CSKD(partner='cache'), RecordCache()])
     with learn.no_bar(), learn.distrib_ctx(sync_bn=False): learn.fit(epochs, 1e-2)
-    cb, rc = learn.cskd, learn.record_cache
+    cb, rc = learn.cskd.source, learn.record_cache
     return dict(anchors=rc.anchors, positions_match=rc.positions_match, loaders=rc.loaders,
                 cache=cb.cache.float().tolist(), seen=cb.seen.tolist(),
                 names=list(learn.recorder.metric_names), values=[[float(v) for v in vs] for vs in learn.recorder.values],

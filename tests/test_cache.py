@@ -34,7 +34,7 @@ def test_kd_starts_at_zero_and_grows_as_the_cache_fills(small_dls):
     n = len(small_dls.train)
     assert kd.kd[0] == pytest.approx(0, abs=1e-6)                     # nothing cached before the first step
     assert all(k > 0 for k in kd.kd[n:])                              # second epoch: every partner drawn is cached
-    cb = learn.cskd
+    cb = learn.cskd.source
     assert int(cb.seen.sum()) == len(set(range(len(small_dls.train_ds))))  # every item was an anchor at least once
 
 
@@ -54,20 +54,20 @@ def test_fine_tune_keeps_the_cache_between_fits(small_dls):
     learn = vision_learner(small_dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=CSKD(partner='cache'))
     kd = KDPerBatch()
     learn.fit(1)
-    cache = learn.cskd.cache
+    cache = learn.cskd.source.cache
     learn.add_cb(kd)
     learn.fit(1)
-    assert learn.cskd.cache is cache                                  # same training set: the cache carries over
+    assert learn.cskd.source.cache is cache                                  # same training set: the cache carries over
     assert kd.kd[0] > 0                                               # so the second fit's first step has KD targets
 
 
 def test_new_training_set_starts_a_new_cache(small_dls, digits_path):
     learn = cnn_learner(small_dls, cbs=CSKD(partner='cache'))
     learn.fit(1)
-    assert learn.cskd.cache.shape == (len(small_dls.train_ds), 10)
+    assert learn.cskd.source.cache.shape == (len(small_dls.train_ds), 10)
     learn.dls = digits_block(160).dataloaders(digits_path, bs=32, num_workers=0)
     learn.fit(1)
-    assert learn.cskd.cache.shape == (len(learn.dls.train_ds), 10) and len(learn.dls.train_ds) != len(small_dls.train_ds)
+    assert learn.cskd.source.cache.shape == (len(learn.dls.train_ds), 10) and len(learn.dls.train_ds) != len(small_dls.train_ds)
 
 
 def test_over_budget_is_refused_before_anything_changes(small_dls):
@@ -75,8 +75,8 @@ def test_over_budget_is_refused_before_anything_changes(small_dls):
     learn = cnn_learner(small_dls, cbs=cb)
     with pytest.raises(ValueError, match=r"320 items × 10 classes × 2 bytes = 0.0061 MiB.*cache_mb=0\.001.*partner='forward'"):
         learn.fit(1)
-    assert len(learn.metrics) == 1 and type(learn.dls.train) is TfmdDL and cb.cache is None
-    cb.cache_mb = 1.
+    assert len(learn.metrics) == 1 and type(learn.dls.train) is TfmdDL and cb.source.cache is None
+    cb.source.max_mb = 1.
     _fit_ok(learn, 1)                                                  # the same learner and callback fit afterwards
 
 
@@ -110,7 +110,7 @@ def test_export_leaves_the_cache_out(small_dls, tmp_path):
     learn.fit(1)
     learn.export('m.pkl')
     learn2 = load_learner(tmp_path/'m.pkl')
-    assert learn2.cskd.cache is None and learn2.cskd.partner == 'cache' and learn.cskd.cache is not None
+    assert learn2.cskd.source.cache is None and isinstance(learn2.cskd.source, PartnerCache) and learn.cskd.source.cache is not None
     learn2.dls = small_dls
     _fit_ok(learn2, 1)                                                 # a loaded learner starts a new cache
 
@@ -119,3 +119,64 @@ def test_bad_options():
     with pytest.raises(ValueError, match='`partner`'): CSKD(partner='Cache')
     with pytest.raises(ValueError, match='partner_mode'): CSKD(partner='cache', partner_mode='eval')
     with pytest.raises(ValueError, match='cache_mb'): CSKD(partner='cache', cache_mb=-1)
+
+
+class IndependentCache(Callback):
+    """Keeps its own table of each item's last anchor logits (fp16, as the cache stores them) and checks, at every
+    step, every drawn partner: cached exactly when it was an anchor before, and the loss = CE + λT²·KL against the
+    logits stored here"""
+    order, run_valid = CSKD.order + 1, False
+    def __init__(self): self.table, self.steps, self.cached_partners = {}, 0, 0
+    def after_loss(self):
+        src, T, lam = self.learn.cskd.source, self.learn.cskd.T, self.learn.cskd.lam
+        a, y = self.pred.detach().float(), self.yb[0]
+        pos, partners = src.pos.tolist(), src.partner_idx.tolist()
+        labels = src.index.labels
+        assert all(labels[p] == labels[q] for p, q in zip(pos, partners))
+        kl = torch.zeros(len(a))
+        for i, p in enumerate(partners):
+            if p in self.table:
+                q = torch.softmax(self.table[p]/T, 0)
+                kl[i] = (q*(q.log() - torch.log_softmax(a[i]/T, 0))).sum()
+                self.cached_partners += 1
+        expected = F.cross_entropy(a, y) + lam*T**2*kl.sum()/len(a)
+        torch.testing.assert_close(self.loss_grad.detach().float(), expected, rtol=1e-4, atol=1e-4)
+        for i, p in enumerate(pos): self.table[p] = a[i].half().float()
+        self.steps += 1
+
+
+def _tensor_dls(n=100, bs=32, drop_last=False, seed=0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + 40, 6, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    set_seed(seed)
+    dls = DataLoaders.from_dsets(TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), bs=bs, device='cpu')
+    dls.train.drop_last = drop_last
+    return dls
+
+
+def test_every_drawn_partner_checked_against_an_independent_table():
+    dls = _tensor_dls(100, 32, drop_last=False)                        # batches of 32, 32, 32 and 4: uneven last batch
+    chk = IndependentCache()
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=[CSKD(lam=0.8, T=2., partner='cache'), chk])
+    learn.fit(3, 1e-2)
+    assert chk.steps == 3*4 and chk.cached_partners > 0
+    src = learn.cskd.source
+    assert bool(src.seen.all()) and len(chk.table) == 100              # the short last batch was stored too
+    stored = torch.stack([chk.table[i] for i in range(100)])
+    torch.testing.assert_close(src.cache.float(), stored)
+
+
+def test_partners_differ_with_the_seed_and_repeat_with_it():
+    def partners(seed):
+        dls = _tensor_dls(100, 32, seed=seed)
+        drawn = []
+        class Grab(Callback):
+            order, run_valid = CSKD.order + 1, False
+            def after_loss(self): drawn.append(self.learn.cskd.source.partner_idx.clone())
+        learn = Learner(dls, nn.Sequential(nn.Linear(6, 3)), loss_func=nn.CrossEntropyLoss(), cbs=[CSKD(partner='cache'), Grab()])
+        set_seed(seed)
+        learn.fit(1)
+        return torch.cat(drawn)
+    a, b, c = partners(0), partners(0), partners(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -10,7 +10,7 @@ from fastai.tabular.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
-from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, fit_ok as _fit_ok
+from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, FormulaCheck, fit_ok as _fit_ok
 
 
 class RecordPairs(Callback):
@@ -22,20 +22,6 @@ class RecordPairs(Callback):
         assert len(y) % 2 == 0
         assert torch.equal(y[:n], y[n:]), "a partner is not of its anchor's class"
         self.anchor_ys.append(y[:n].clone()); self.n_batches += 1
-
-
-class FormulaCheck(Callback):
-    "After `CSKD`: the backpropagated loss equals loss_func(pred, y) + lam*T^2*KL, computed by hand"
-    order, run_valid = CSKD.order + 1, False
-    def before_fit(self): self.checked = 0
-    def after_loss(self):
-        cb = self.learn.cskd
-        q = torch.softmax(cb.partner_pred.float()/cb.T, 1)
-        logp = torch.log_softmax(self.pred.detach().float()/cb.T, 1)
-        kl = (q*(q.clamp_min(1e-30).log() - logp)).sum(1).mean()
-        base = self.learn.loss_func(self.pred.detach(), *self.yb)
-        torch.testing.assert_close(self.loss_grad.detach(), base + cb.lam*cb.T**2*kl, rtol=1e-4, atol=1e-5)
-        self.checked += 1
 
 
 # --- the loss and the pairing -------------------------------------------------------------------------
@@ -87,13 +73,13 @@ def test_model_sees_anchors_only_and_validation_untouched(small_dls):
     learn.show_results(max_n=4)
 
 
-def test_lr_find_untouched(small_dls):
+def test_lr_find_sees_the_cskd_objective(small_dls):
+    "lr_find trains, so it runs CS-KD: the learning rate it suggests is for cross-entropy plus the KD term"
     counter = CountForwards()
     learn = cnn_learner(small_dls, cbs=[CSKD(), counter])
     learn.lr_find(num_it=8, show_plot=False)
-    assert counter.calls['train'] == 8 and counter.rows['train'] == 8*small_dls.train.bs
+    assert counter.calls['train'] == 16 and counter.rows['train'] == 16*small_dls.train.bs   # anchors + partners
     assert len(learn.metrics) == 1
-    assert 'kd_loss' not in learn.recorder.metric_names
 
 
 def test_kd_loss_column(small_dls):
@@ -115,7 +101,7 @@ def test_lam_zero_records_zero_and_skips_partner_forward(small_dls):
 
 
 def test_eval_partner_mode_restores_modes_and_keeps_bn_stats(small_dls):
-    learn = cnn_learner(small_dls, cbs=CSKD(partner_mode='eval'))
+    learn = cnn_learner(small_dls, cbs=CSKD(partner=PartnerForward(train=False)))
     learn.model[0].eval()                         # a user-frozen BatchNorm block must stay in eval mode
     bn = learn.model[1][1]
     seen = []
@@ -137,9 +123,15 @@ def test_eval_partner_mode_restores_modes_and_keeps_bn_stats(small_dls):
 
 @pytest.mark.parametrize('kw, name', [(dict(T=0), 'T'), (dict(T=-2), 'T'), (dict(T=float('nan')), 'T'),
                                       (dict(lam=-1), 'lam'), (dict(lam=float('inf')), 'lam'), (dict(lam=None), 'lam'),
-                                      (dict(T=True), 'T'), (dict(partner_mode='train_mode'), 'partner_mode')])
+                                      (dict(T=True), 'T'), (dict(partner_mode='train_mode'), 'partner_mode'),
+                                      (dict(lam=lambda p: 1/(p-0.5)**2), r'lam\(0\.5\)'), (dict(lam=lambda: 1), 'lam')])
 def test_bad_hyperparameters(kw, name):
-    with pytest.raises(ValueError, match=f'`{name}`'): CSKD(**kw)
+    with pytest.raises(ValueError, match=f'`{name}'): CSKD(**kw)
+
+
+def test_partner_mode_is_deprecated_but_works():
+    with pytest.warns(DeprecationWarning, match='PartnerForward'): cb = CSKD(partner_mode='eval')
+    assert isinstance(cb.source, PartnerForward) and cb.source.train is False
 
 
 def _regression_dls(path):
@@ -189,7 +181,7 @@ class Interrupt(Callback):
 
 @pytest.mark.parametrize('exc', [KeyboardInterrupt(), RuntimeError('boom'), CancelFitException()])
 def test_interrupted_fit_leaves_learner_as_it_was(small_dls, exc):
-    learn = cnn_learner(small_dls, cbs=[CSKD(partner_mode='eval'), Interrupt(exc)])
+    learn = cnn_learner(small_dls, cbs=[CSKD(partner=PartnerForward(train=False)), Interrupt(exc)])
     train_dl, valid_dl, metrics, loss_func = learn.dls.train, learn.dls.valid, list(learn.metrics), learn.loss_func
     dl_state = dict(train_dl.__dict__)
     if isinstance(exc, CancelFitException): learn.fit(1)
@@ -199,13 +191,13 @@ def test_interrupted_fit_leaves_learner_as_it_was(small_dls, exc):
     assert {k: v for k, v in train_dl.__dict__.items() if k != 'rng'} == {k: v for k, v in dl_state.items() if k != 'rng'}
     assert list(learn.metrics) == metrics and learn.loss_func is loss_func
     assert '_do_epoch' not in learn.__dict__
-    assert not isinstance(getattr(learn, 'dl', None), PairedDL)
-    assert learn.cskd.pdl is None and learn.cskd.partner_xb is None
     assert all(m.training == learn.model.training for m in learn.model.modules())
     # and the learner still works, with CS-KD
     learn.remove_cb(Interrupt)
+    learn.add_cb(FormulaCheck())
     learn.fit(1)
     assert learn.recorder.metric_names.count('kd_loss') == 1 and len(learn.metrics) == 1
+    assert learn.formula_check.checked == len(small_dls.train)
 
 
 def test_exception_in_partner_forward_restores_module_modes(small_dls):
@@ -215,7 +207,7 @@ def test_exception_in_partner_forward_restores_module_modes(small_dls):
             self.n += 1
             if self.n == 2: raise KeyboardInterrupt
             return self.m(x)
-    learn = Learner(small_dls, FailSecond(), cbs=CSKD(partner_mode='eval'))
+    learn = Learner(small_dls, FailSecond(), cbs=CSKD(partner=PartnerForward(train=False)))
     with pytest.raises(KeyboardInterrupt): learn.fit(1)
     assert all(m.training for m in learn.model.modules())
     assert len(learn.metrics) == 0 and '_do_epoch' not in learn.__dict__
@@ -267,7 +259,7 @@ def test_mixup_mixes_anchors_only(small_dls):
     class Spy(Callback):
         order, run_valid = MixUp.order + 1, False
         def before_batch(self):
-            seen['x'] = self.x.shape[0]; seen['partner'] = self.learn.cskd.partner_xb[0].shape[0]
+            seen['x'] = self.x.shape[0]; seen['partner'] = self.learn.cskd.source.xb[0].shape[0]
             seen['yb1'] = self.learn.mix_up.yb1[0].shape[0]
     learn = cnn_learner(small_dls, cbs=[CSKD(), MixUp(), Spy()])
     learn.fit(1)
@@ -319,7 +311,7 @@ def test_export_load_learner_carries_no_pairing_state(small_dls, tmp_path):
     assert b'ClassIndex' not in data and b'PairedDL' not in data
     learn2 = load_learner(tmp_path/'cskd.pkl')
     cb = learn2.cskd
-    assert (cb.lam, cb.T, cb.pdl) == (0.3, 2., None)
+    assert (cb.lam, cb.T, cb.source.xb) == (0.3, 2., None)
     _, _, probs = learn2.predict(small_dls.valid_ds.items[0])
     assert probs.shape == (10,)
 
@@ -384,3 +376,14 @@ def test_single_item_class_and_absent_class(digits_path):
     eight = pdl.index.members(8)[0]
     assert (pdl.index.sample([eight]*20) == eight).all()
     _fit_ok(cnn_learner(dls, cbs=[CSKD(), RecordPairs()]))
+
+
+def test_paired_partners_differ_with_the_seed_and_repeat_with_it(digits_path):
+    def pairs(seed):
+        set_seed(seed)
+        dls = digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
+        pdl = PairedDL(dls.train)
+        return [pdl.get_idxs() for _ in range(2)]                   # two epochs
+    a, b, c = pairs(5), pairs(5), pairs(6)
+    assert a == b and a != c
+    assert a[0] != a[1]                                             # a new draw each epoch
