@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT/'_docs'
-API_PAGES = {'data': 'Class-wise pairing', 'callback': 'The CS-KD callback', 'metrics': 'Calibration metrics',
+API_PAGES = {'data': 'Class-wise pairing', 'datasets': 'Datasets', 'partners': 'Partner sources',
+             'callback': 'The CS-KD callback', 'metrics': 'Calibration metrics',
              'interpret': 'Calibration interpretation',
              'compare': 'Comparing CS-KD with its baseline'}
 
@@ -39,6 +40,10 @@ def test_every_notebook_has_a_page(site):
     for page in ['index', *API_PAGES, 'search', 'genindex']: assert (site/f'{page}.html').exists(), page
     if (ROOT/'nbs'/'tutorials'/'cifar10_study.ipynb').exists():
         assert '<h1>CS-KD on CIFAR-10' in html(site, 'tutorials/cifar10_study')
+    if (ROOT/'nbs'/'tutorials'/'regime_study.ipynb').exists():
+        h = html(site, 'tutorials/regime_study')
+        assert '<h1>CS-KD where cross-entropy overfits' in h
+        assert len(re.findall(r'<img [^>]*src="[^"]+\.png"', h)) >= 1       # the sweep plot
 
 
 def test_front_page(site):
@@ -71,10 +76,10 @@ def test_show_doc_signature_and_parameter_table(site):
     h = html(site, 'callback'); t = text(h)
     sec = t[t.index('CSKD¶'):]
     flat = re.sub(r'\s+', ' ', sec).replace('( ', '(')
-    assert "CSKD(lam:float=1.0, T:float=4.0, partner_mode:str='train', partner:str='forward', cache_mb:float=10" in flat
+    for s in ["CSKD(lam:float|callable=1.0, T:float=4.0, partner='forward', cache_mb:float|None=None"]: assert s in flat, flat[:400]
     assert 'Class-wise self-knowledge distillation (Yun et al., CVPR 2020)' in sec
     assert re.search(r'<th class="head"><p><strong>Details</strong></p></th>', h)
-    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)', "use a same-class item"]: assert s in sec, s
+    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)', "'forward' (load partners and run them"]: assert s in sec, s
     assert 'github.com/cskd-fastai/cskd_fastai/blob/main/cskd_fastai/callback.py#L' in h     # [source]
     h = html(site, 'data')                                    # a patched method keeps its class in the name
     assert '<h3>DataBlock.paired_dataloaders<a class="headerlink"' in h

@@ -13,7 +13,8 @@ def test_readme_in_step_with_index_notebook():
 def test_all_exports_public_api():
     ns = {}
     exec('from cskd_fastai.all import *', ns)
-    for name in ['CSKD', 'cskd_loss', 'PairedDL', 'ClassIndex', 'paired_dls', 'split_pairs', 'digits_folder',
+    for name in ['CSKD', 'cskd_loss', 'PairedDL', 'ClassIndex', 'paired_dls', 'split_pairs', 'digits_folder', 'image_folder',
+                 'PartnerForward', 'PartnerCache', 'CalibrationInterpretation', 'ece', 'SchedLin',
                  'vision_learner', 'Learner', 'DataBlock']:
         assert name in ns, name
     assert hasattr(ns['DataBlock'], 'paired_dataloaders') and hasattr(ns['Datasets'], 'paired_dataloaders')
