@@ -48,16 +48,15 @@ def cnn_learner(dls, cbs=None, **kwargs):
 
 
 class FormulaCheck(Callback):
-    """Each step's loss recomputed without `CSKD`'s own values: the paired batch is kept before `CSKD` splits it, the
-    model and the random state are copied after the anchor forward, the partner half is run through the copy (same
-    mode, same dropout draws), and the loss to backpropagate must be `loss_func(anchors) + λ T² KL` written out here"""
+    """Each step's loss recomputed without `CSKD`'s own values: before `CSKD` splits the batch, the paired batch, the
+    model and the random state are copied; the partner half is run through the copy (same mode, same dropout draws),
+    and the loss to backpropagate must be `loss_func(anchors) + λ T² KL` written out here"""
     order, run_valid = -2, False                       # before CSKD (order -1): sees the whole paired batch
     def __init__(self, tol=1e-4): self.tol, self.checked, self.lams = tol, 0, []
     def before_batch(self):
         self.xall = [torch.Tensor.as_subclass(x, torch.Tensor).clone() for x in self.learn.xb]
         self.yall = [torch.Tensor.as_subclass(y, torch.Tensor).clone() for y in self.learn.yb]
-    def after_pred(self):
-        m = self.learn.model
+        m = self.learn.model                       # CSKD's partner forward comes next, before the anchors'
         self.copy, self.rng = deepcopy(getattr(m, 'module', m)), torch.get_rng_state()
     def before_backward(self):
         cb = self.learn.cskd

@@ -68,13 +68,14 @@ class RecordPairs(Callback):
 
 class CheckLoss(Callback):
     """Each step's loss against CE + lam*T^2*KL recomputed without CSKD's values: the paired batch is kept before the
-    split, the inner module and the random state are copied after the anchor forward, and the partner half is run
+    split, the inner module and the random state are copied, and the partner half is run
     through the copy here (same mode, same dropout draws)"""
     order, run_valid = CSKD.order - 1, False
     def before_fit(self): self.max_err, self.kd, self.losses = 0., [], []
     def before_train(self): self.kd.append([0., 0])
-    def before_batch(self): self.xall, self.yall = [x.clone() for x in self.learn.xb], self.yb[0].clone()
-    def after_pred(self): self.copy, self.rng = deepcopy(self.learn.model.module), torch.get_rng_state()
+    def before_batch(self):
+        self.xall, self.yall = [x.clone() for x in self.learn.xb], self.yb[0].clone()
+        self.copy, self.rng = deepcopy(self.learn.model.module), torch.get_rng_state()   # the partner forward is next
     def before_backward(self):
         cb, n = self.learn.cskd, len(self.yall)//2
         torch.set_rng_state(self.rng)

@@ -259,7 +259,7 @@ def test_mixup_mixes_anchors_only(small_dls):
     class Spy(Callback):
         order, run_valid = MixUp.order + 1, False
         def before_batch(self):
-            seen['x'] = self.x.shape[0]; seen['partner'] = self.learn.cskd.source.xb[0].shape[0]
+            seen['x'] = self.x.shape[0]; seen['partner'] = self.learn.cskd.source.logits.shape[0]   # partner logits, one per anchor
             seen['yb1'] = self.learn.mix_up.yb1[0].shape[0]
     learn = cnn_learner(small_dls, cbs=[CSKD(), MixUp(), Spy()])
     learn.fit(1)
