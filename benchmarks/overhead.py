@@ -2,12 +2,19 @@
 and `partner='cache'`), against a minimal plain-PyTorch loop with and without the paper's recipe, plus the
 time to build the class index.
 
-Same model (timm `resnet10t`, 10 classes), same images, batch size, optimizer (Adam) and
+Same model (a timm model, `--arch`, 10 classes), same images, batch size, optimizer (Adam) and
 augmentation (random horizontal flip) everywhere. Each configuration runs in its own child process
-(so that its peak memory can be read), and the configurations are alternated over `--repeats`
+(so that its peak memory can be read), and the configurations are alternated over `--rounds`
 rounds so that drift in machine speed hits all of them. Not part of the test run.
 
-    python benchmarks/overhead.py --data ../shared/data/cifar10-jpg.tgz [--n-per-class 300] [--repeats 3]
+    python benchmarks/overhead.py --data ../shared/data/cifar10-jpg.tgz [--n-per-class 300] [--rounds 3]
+    python benchmarks/overhead.py --data ... --device cuda --fp16 --workers 12 --arch resnet18 --bs 128   # a GPU
+
+On a GPU (`--device cuda`, or `auto` when one is there) each configuration also reports its peak GPU memory
+(`torch.cuda.max_memory_allocated` over the timed epochs), `--fp16` trains fastai with `to_fp16()` and the
+PyTorch loops under `torch.autocast` with a `GradScaler`. `--recipe fast` gives fastai a foreach (CPU) or fused
+(CUDA) `torch.optim.Adam` through `OptimWrapper` and flips images as a batch transform on the device instead of
+an item transform: what a fastai user can do about fastai's own per-step cost.
 
 Without `--data` it uses the bundled digits (upscaled to 32 px). Ends with one JSON line.
 """
@@ -32,33 +39,55 @@ def _files(root, split, n_per_class):
 def _rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024
 
 
-def child(cfg, root, n_per_class, bs, size, epochs, workers, seed, torch_adam=False):
+def _device(name):
+    import torch
+    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available(): sys.exit("--device cuda: no CUDA device here")
+    return torch.device(name)
+
+
+def child(cfg, root, n_per_class, bs, size, epochs, workers, seed, torch_adam=False, device='cpu', fp16=False,
+          arch='resnet10t', recipe='fastai'):
     "One configuration in this process: returns seconds per training epoch and memory figures"
     import numpy as np, torch, timm
     import torch.nn.functional as F
     from PIL import Image
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    dev = _device(device)
+    cuda = dev.type == 'cuda'
     root = Path(root)
     items, classes = _files(root, 'train', n_per_class)
     torch.manual_seed(seed)
-    model = timm.create_model('resnet10t', pretrained=False, num_classes=len(classes))
+    model = timm.create_model(arch, pretrained=False, num_classes=len(classes)).to(dev)
     times = []
+    def sync():
+        if cuda: torch.cuda.synchronize()
+    if cuda: torch.cuda.reset_peak_memory_stats()
     if cfg.startswith('fastai'):
         from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, FlipItem, Resize, Learner, set_seed,
                                        IndexSplitter, Callback, parent_label, OptimWrapper, partial)
         from cskd_fastai.all import CSKD
         set_seed(seed)
+        from fastai.vision.augment import Flip
         class Timer(Callback):
             order = 100
-            def before_train(self): self.t0 = time.perf_counter()
-            def after_train(self): times.append(time.perf_counter() - self.t0)
-        db = DataBlock((ImageBlock, CategoryBlock(vocab=classes)), get_y=parent_label,
-                       splitter=IndexSplitter([]), item_tfms=[Resize(size), FlipItem(0.5)])
-        dls = db.dataloaders([f for f, _ in items], bs=bs, num_workers=workers, drop_last=True)
+            def before_epoch(self):
+                if cuda and self.epoch == 1: torch.cuda.reset_peak_memory_stats()   # the first epoch is warm-up
+            def before_train(self): sync(); self.t0 = time.perf_counter()
+            def after_train(self): sync(); times.append(time.perf_counter() - self.t0)
+        fast = recipe == 'fast'
+        db = DataBlock((ImageBlock, CategoryBlock(vocab=classes)), get_y=parent_label, splitter=IndexSplitter([]),
+                       item_tfms=[Resize(size)] + ([] if fast else [FlipItem(0.5)]),
+                       batch_tfms=[Flip(p=0.5)] if fast else None)
+        dls = db.dataloaders([f for f, _ in items], bs=bs, num_workers=workers, drop_last=True, device=dev)
         cbs = [Timer()] + {'fastai': [], 'fastai+cskd': [CSKD()], 'fastai+cskd-cache': [CSKD(partner='cache')]}[cfg]
-        # fastai's own Adam by default; `--torch-adam` gives fastai torch.optim.Adam (as the PyTorch loop uses)
-        opt_kw = dict(opt_func=partial(OptimWrapper, opt=torch.optim.Adam)) if torch_adam else {}
+        # fastai's own Adam by default; `--torch-adam` gives fastai torch.optim.Adam (as the PyTorch loop uses);
+        # `--recipe fast` a foreach (CPU) or fused (CUDA) torch.optim.Adam
+        opt_kw = {}
+        if fast: opt_kw = dict(opt_func=partial(OptimWrapper, opt=torch.optim.Adam, **({'fused': True} if cuda else {'foreach': True})))
+        elif torch_adam: opt_kw = dict(opt_func=partial(OptimWrapper, opt=torch.optim.Adam))
         learn = Learner(dls, model, cbs=cbs, **opt_kw)
+        if fp16: learn = learn.to_fp16()
         base = _rss_mb()
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
     else:
@@ -78,22 +107,30 @@ def child(cfg, root, n_per_class, bs, size, epochs, workers, seed, torch_adam=Fa
                 if cfg == 'torch': return self.load(i), torch.zeros(()), y        # no partner loaded
                 j = self.by_class[y][torch.randint(len(self.by_class[y]), ()).item()]
                 return self.load(i), self.load(j), y
-        dl = torch.utils.data.DataLoader(Pairs(items), batch_size=bs, shuffle=True, drop_last=True, num_workers=workers)
+        dl = torch.utils.data.DataLoader(Pairs(items), batch_size=bs, shuffle=True, drop_last=True, num_workers=workers,
+                                         pin_memory=cuda)
         opt = torch.optim.Adam(model.parameters(), 1e-3)
+        scaler = torch.amp.GradScaler('cuda', enabled=fp16 and cuda)
+        amp = lambda: torch.autocast(dev.type, dtype=torch.float16 if cuda else torch.bfloat16, enabled=fp16)
         base = _rss_mb()
-        for _ in range(epochs):
-            model.train(); t0 = time.perf_counter()
+        for ep in range(epochs):
+            if cuda and ep == 1: torch.cuda.reset_peak_memory_stats()
+            model.train(); sync(); t0 = time.perf_counter()
             for x, xp, y in dl:
-                logits = model(x)
-                if cfg == 'torch': loss = F.cross_entropy(logits, y)
-                else:
-                    with torch.no_grad(): plog = model(xp)
-                    loss = F.cross_entropy(logits, y) + cskd_loss(logits, plog, 4.)
-                opt.zero_grad(); loss.backward(); opt.step()
-            times.append(time.perf_counter() - t0)
+                x, xp, y = x.to(dev, non_blocking=True), xp.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                with amp():
+                    logits = model(x)
+                    if cfg == 'torch': loss = F.cross_entropy(logits, y)
+                    else:
+                        with torch.no_grad(): plog = model(xp)       # the paper's code: after the anchors' forward
+                        loss = F.cross_entropy(logits, y) + cskd_loss(logits, plog, 4.)
+                opt.zero_grad(); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+            sync(); times.append(time.perf_counter() - t0)
     n_steps = len(items)//bs
     return dict(cfg=cfg, epoch_s=times[1:] or times, imgs_per_s=[n_steps*bs/t for t in (times[1:] or times)],
-                peak_rss_mb=_rss_mb(), setup_rss_mb=base)
+                peak_rss_mb=_rss_mb(), setup_rss_mb=base,
+                gpu_peak_mb=torch.cuda.max_memory_allocated()/2**20 if cuda else None,
+                device=torch.cuda.get_device_name() if cuda else 'cpu')
 
 
 def index_times(sizes=(10**4, 10**5, 10**6), n_classes=100, reps=3):
@@ -114,36 +151,56 @@ def main():
     p.add_argument('--data', default=None, help="folder in train/<class> layout or a .tgz of one (default: digits)")
     p.add_argument('--n-per-class', type=int, default=300); p.add_argument('--bs', type=int, default=64)
     p.add_argument('--size', type=int, default=32); p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=3); p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--rounds', '--repeats', dest='repeats', type=int, default=3, help="rounds the configurations are alternated over")
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--device', default='cpu', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--fp16', action='store_true', help="fastai to_fp16(); the PyTorch loops under autocast + GradScaler")
+    p.add_argument('--arch', default='resnet10t', help="timm model name (default: resnet10t)")
+    p.add_argument('--recipe', default='fastai', choices=['fastai', 'fast'],
+                   help="fast: fused/foreach torch Adam through OptimWrapper, flips as a batch transform on the device")
+    p.add_argument('--only', nargs='+', default=None, choices=CONFIGS, help="run these configurations only")
     p.add_argument('--child', default=None, help=argparse.SUPPRESS); p.add_argument('--root', default=None, help=argparse.SUPPRESS)
     p.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument('--torch-adam', action='store_true', help="fastai fits use torch.optim.Adam (OptimWrapper) instead of fastai's Adam")
     a = p.parse_args()
     if a.child:
-        print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed, a.torch_adam)))
+        print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed, a.torch_adam,
+                                           a.device, a.fp16, a.arch, a.recipe)))
         return
-    from cskd_fastai.compare import image_folder
+    from cskd_fastai.datasets import image_folder
     root, _ = image_folder(a.data)
-    res = {c: [] for c in CONFIGS}
+    configs = tuple(a.only or CONFIGS)
+    res = {c: [] for c in configs}
     for r in range(a.repeats):
-        for cfg in CONFIGS:
+        for cfg in configs:
             cmd = [sys.executable, __file__, '--child', cfg, '--root', str(root), '--n-per-class', str(a.n_per_class),
                    '--bs', str(a.bs), '--size', str(a.size), '--epochs', str(a.epochs), '--workers', str(a.workers),
-                   '--seed', str(r)] + (['--torch-adam'] if a.torch_adam else [])
+                   '--seed', str(r), '--device', a.device, '--arch', a.arch, '--recipe', a.recipe] + \
+                  (['--torch-adam'] if a.torch_adam else []) + (['--fp16'] if a.fp16 else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
             if out.returncode or not line: sys.exit(f"{cfg} failed:\n{out.stderr[-3000:]}")
             d = json.loads(line[-1][7:]); res[cfg].append(d)
-            print(f"round {r} {cfg:<12} {statistics.median(d['epoch_s']):6.2f} s/epoch  "
-                  f"{statistics.median(d['imgs_per_s']):6.1f} anchors/s  peak RSS {d['peak_rss_mb']:.0f} MB "
-                  f"(setup {d['setup_rss_mb']:.0f} MB)", flush=True)
+            gpu = f"  GPU peak {d['gpu_peak_mb']:.0f} MB" if d['gpu_peak_mb'] is not None else ""
+            print(f"round {r} {cfg:<17} {statistics.median(d['epoch_s']):6.2f} s/epoch  "
+                  f"{statistics.median(d['imgs_per_s']):7.1f} anchors/s  peak RSS {d['peak_rss_mb']:.0f} MB "
+                  f"(setup {d['setup_rss_mb']:.0f} MB){gpu}", flush=True)
+    if set(configs) != set(CONFIGS):
+        print(json.dumps({c: [dict(epoch_s=statistics.median(d['epoch_s']), gpu_peak_mb=d['gpu_peak_mb']) for d in v] for c, v in res.items()}))
+        return
     med = lambda cfg, k: statistics.median(x for d in res[cfg] for x in d[k])
     mem = lambda cfg: statistics.median(d['peak_rss_mb'] - d['setup_rss_mb'] for d in res[cfg])
     peak = lambda cfg: statistics.median(d['peak_rss_mb'] for d in res[cfg])
     idx = index_times()
+    gpu = lambda cfg: statistics.median(d['gpu_peak_mb'] for d in res[cfg]) if res[cfg][0]['gpu_peak_mb'] is not None else None
     figs = dict(
-        data=str(root), n_train=len(_files(root, 'train', a.n_per_class)[0]), arch='resnet10t', size=a.size, bs=a.bs,
-        workers=a.workers, threads=os.cpu_count(), repeats=a.repeats, fastai_optimizer='torch.optim.Adam' if a.torch_adam else 'fastai Adam',
+        data=str(root), n_train=len(_files(root, 'train', a.n_per_class)[0]), arch=a.arch, size=a.size, bs=a.bs,
+        device=res['fastai'][0]['device'], fp16=a.fp16, recipe=a.recipe,
+        workers=a.workers, threads=os.cpu_count(), rounds=a.repeats,
+        fastai_optimizer=('torch.optim.Adam ' + ('fused' if a.device != 'cpu' else 'foreach')) if a.recipe == 'fast' else 'torch.optim.Adam' if a.torch_adam else 'fastai Adam',
+        gpu_peak_mb={c: gpu(c) and round(gpu(c), 1) for c in CONFIGS},
+        gpu_peak_ratio_cskd_over_plain=gpu('fastai') and round(gpu('fastai+cskd')/gpu('fastai'), 3),
+        gpu_peak_ratio_cache_over_plain=gpu('fastai') and round(gpu('fastai+cskd-cache')/gpu('fastai'), 3),
         epoch_s={c: round(med(c, 'epoch_s'), 3) for c in CONFIGS},
         epoch_time_ratio_cskd_over_plain=round(med('fastai+cskd', 'epoch_s')/med('fastai', 'epoch_s'), 3),
         epoch_time_ratio_cache_over_plain=round(med('fastai+cskd-cache', 'epoch_s')/med('fastai', 'epoch_s'), 3),
@@ -162,6 +219,9 @@ def main():
     print(f"CS-KD / plain fastai peak-RSS ratio: {figs['peak_rss_ratio_cskd_over_plain']:.2f} (target <= 1.15); "
           f"cache: {figs['peak_rss_ratio_cache_over_plain']:.2f}")
     print(f"fastai+CSKD throughput / plain-PyTorch CS-KD loop: {figs['throughput_fastai_cskd_over_torch_loop']:.2f} (target >= 0.9)")
+    if figs['gpu_peak_ratio_cskd_over_plain']:
+        print(f"GPU peak memory, CSKD / plain fastai: {figs['gpu_peak_ratio_cskd_over_plain']:.3f} (target <= 1.05); "
+              f"cache: {figs['gpu_peak_ratio_cache_over_plain']:.3f}")
     print('class index build: ' + ', '.join(f"{int(n):,} labels {t*1000:.1f} ms" for n, t in figs['index_build_s'].items()))
     print(json.dumps(figs))
 
