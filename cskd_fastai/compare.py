@@ -196,7 +196,7 @@ def verdict(res:pd.DataFrame, base:str='ce') -> list[str]:
             val = lambda v: f"{v*k:.{nd}f}{'%' if pct else ''}"
             lines.append(f"{METHOD_NAMES[m]} vs {METHOD_NAMES[base]}, {name}: {val(r.loc[seeds, col].mean())} vs "
                          f"{val(b.loc[seeds, col].mean())}, {word} by {abs(d.mean()):.{nd}f}{unit}{sd} "
-                         f"(lower on {(d < 0).sum()} of {len(d)} seeds)")
+                         f"(lower on {(d < 0).sum()} of {len(d)} seed{'s' if len(d) > 1 else ''})")
     return lines
 
 def regime(res:pd.DataFrame, base:str='ce') -> list[str]:

@@ -59,7 +59,9 @@ def test_any_exit_leaves_the_learner_as_it_was(small_dls, exc, event):
     bad = Raise(exc, event, at=3 if event in ('after_loss', 'after_batch') else 1)
     bad.order = CSKD.order + 1
     learn.add_cb(bad)
-    if isinstance(exc, CancelFitException): learn.fit(1)
+    if isinstance(exc, CancelFitException):
+        learn.fit(1)
+        assert learn.dl is learn.dls.train                     # put back in after_cancel_fit, as MixHandler does its loss
     else:
         with pytest.raises(type(exc)): learn.fit(1)
     learn.remove_cb(bad)
@@ -101,6 +103,16 @@ def test_removing_cskd_removes_its_column(small_dls):
     learn.fit(1, cbs=CSKD())                                   # a callback for one fit only
     assert learn.recorder.metric_names[-2] == 'kd_loss'
     assert not [c for c in learn.cbs if 'cskd' in type(c).__name__.lower()]
+
+
+def test_train_loader_put_back_after_each_phase(small_dls):
+    seen = []
+    class Look(Callback):
+        order = CSKD.order + 20
+        def after_train(self): seen.append(self.learn.dl)
+    learn = cnn_learner(small_dls, cbs=[CSKD(), Look()])
+    learn.fit(2)
+    assert all(dl is small_dls.train for dl in seen) and len(seen) == 2
 
 
 def test_validate_and_get_preds_show_no_kd(small_dls):
