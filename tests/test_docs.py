@@ -76,10 +76,10 @@ def test_show_doc_signature_and_parameter_table(site):
     h = html(site, 'callback'); t = text(h)
     sec = t[t.index('CSKD¶'):]
     flat = re.sub(r'\s+', ' ', sec).replace('( ', '(')
-    for s in ["CSKD(lam:float|callable=1.0, T:float=4.0, partner='forward', cache_mb:float|None=None"]: assert s in flat, flat[:400]
+    for s in ["CSKD(lam:float | callable=1.0, T:float=4.0, partner='forward', cache_mb:float | None=None"]: assert s in flat, flat[:400]
     assert 'Class-wise self-knowledge distillation (Yun et al., CVPR 2020)' in sec
     assert re.search(r'<th class="head"><p><strong>Details</strong></p></th>', h)
-    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)', "'forward' (load partners and run them"]: assert s in sec, s
+    for s in ['Weight λ of the KD term', 'Softmax temperature (> 0)', "(load partners and run them through the model: the paper)"]: assert s in sec, s
     assert 'github.com/cskd-fastai/cskd_fastai/blob/main/cskd_fastai/callback.py#L' in h     # [source]
     h = html(site, 'data')                                    # a patched method keeps its class in the name
     assert '<h3>DataBlock.paired_dataloaders<a class="headerlink"' in h
