@@ -387,3 +387,15 @@ def test_paired_partners_differ_with_the_seed_and_repeat_with_it(digits_path):
     a, b, c = pairs(5), pairs(5), pairs(6)
     assert a == b and a != c
     assert a[0] != a[1]                                             # a new draw each epoch
+
+
+def test_partner_forward_runs_before_the_anchor_forward(small_dls):
+    "The no-grad partner forward comes first in each step, so its activations never sit on top of the anchors' graph"
+    calls = []
+    learn = cnn_learner(small_dls, cbs=CSKD())
+    h = learn.model.register_forward_pre_hook(lambda m, inp: calls.append((torch.is_grad_enabled(), learn.training)) if learn.training else None)
+    try: learn.fit(1)
+    finally: h.remove()
+    train_calls = [g for g, t in calls if t]
+    assert len(train_calls) == 2*len(small_dls.train)
+    assert train_calls == [False, True]*len(small_dls.train)      # partners (no grad), then anchors (grad)
