@@ -253,8 +253,13 @@ def save_results(res:pd.DataFrame, out):
     return out
 
 # %% ../nbs/06_compare.ipynb #90b18732
-DEFAULT_NOTE = ("The bundled default is a small, easy task. CS-KD's effect depends on the regime, λ and T: see "
-                "https://cskd-fastai.readthedocs.io/tutorials/regime_study.html for CIFAR-10 trained to convergence.")
+DEFAULT_NOTE = (
+    "The bundled default is a small, easy task: cross-entropy fits it and is only a few points overconfident, and\n"
+    "CS-KD's T=4, λ=1 can over-correct into underconfidence, which ECE counts as worse. On CIFAR-10 trained to\n"
+    "convergence (the regime study, 3 seeds, 10,000 test images) CS-KD took cross-entropy's top-1 error from 52.7% to\n"
+    "50.7%, NLL from 3.27 to 1.73 and ECE from 39.4% to 25.2%, but one temperature fitted after training on held-out\n"
+    "images calibrated cross-entropy better (NLL 1.49, ECE 2.9%): "
+    "https://cskd-fastai.readthedocs.io/tutorials/regime_study.html")
 
 def _parser():
     p = argparse.ArgumentParser(prog='cskd-fastai', description="Class-wise self-knowledge distillation for fastai")
