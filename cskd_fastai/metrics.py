@@ -113,6 +113,11 @@ def _top_label(P, y):
     pred = P.argmax(1)
     return P[np.arange(len(P)), pred],(pred == y).astype(np.float64)
 
+def _checked_top_label(probs, targs, n_bins):
+    "The checked inputs of a top-label binned metric: confidences, correctness and `n_bins`"
+    P,y = _check(probs, targs)
+    return (*_top_label(P, y), _check_n_bins(n_bins))
+
 def _bin_sums(bins, x, hit, n_bins):
     "Per bin: the number of samples, the sum of `x`, the sum of `hit`"
     return (np.bincount(bins, minlength=n_bins).astype(np.float64),
@@ -130,9 +135,7 @@ def ece(
     n_bins:int=15, # Number M of equal-width confidence bins
 ) -> float:
     "Top-label expected calibration error, sum over bins of |B|/N * |accuracy - mean confidence|; bin m is ((m-1)/M, m/M], 0 in the first"
-    P,y = _check(probs, targs)
-    n_bins = _check_n_bins(n_bins)
-    conf,hit = _top_label(P, y)
+    conf,hit,n_bins = _checked_top_label(probs, targs, n_bins)
     return _ece(_bins(conf, n_bins), conf, hit, n_bins)
 
 def mce(
@@ -141,9 +144,7 @@ def mce(
     n_bins:int=15, # Number M of equal-width confidence bins
 ) -> float:
     "Maximum calibration error, the largest |accuracy - mean confidence| over non-empty bins; bin m is ((m-1)/M, m/M], 0 in the first"
-    P,y = _check(probs, targs)
-    n_bins = _check_n_bins(n_bins)
-    conf,hit = _top_label(P, y)
+    conf,hit,n_bins = _checked_top_label(probs, targs, n_bins)
     cnt,sc,sh = _bin_sums(_bins(conf, n_bins), conf, hit, n_bins)
     nz = cnt > 0
     return float((np.abs(sh[nz] - sc[nz])/cnt[nz]).max())
@@ -162,9 +163,7 @@ def adaptive_ece(
     n_bins:int=15, # Number M of equal-mass confidence bins
 ) -> float:
     "Top-label ECE with equal-mass bins: M runs of sorted confidences, each bin (lo, hi], so equal confidences share a bin"
-    P,y = _check(probs, targs)
-    n_bins = _check_n_bins(n_bins)
-    conf,hit = _top_label(P, y)
+    conf,hit,n_bins = _checked_top_label(probs, targs, n_bins)
     return _ece(_mass_bins(conf, n_bins), conf, hit, n_bins)
 
 # %% ../nbs/04_metrics.ipynb #8c457f4f
