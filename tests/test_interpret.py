@@ -1,5 +1,5 @@
-"`CalibrationInterpretation` (a fastai `Interpretation`) end to end: from a learner and from stored predictions, its metrics and summary against independent computations, plots, temperature scaling, comparisons; the deprecated `cskd_fastai.calibration`"
-import importlib, math, warnings
+"`CalibrationInterpretation` (a fastai `Interpretation`) end to end: from a learner and from stored predictions, its metrics and summary against independent computations, plots, temperature scaling, comparisons"
+import math, warnings
 from copy import deepcopy
 import matplotlib
 matplotlib.use('Agg')
@@ -357,13 +357,3 @@ def test_every_old_name_lives_in_metrics_or_interpret():
     for nm in OLD_NAMES: assert nm in ns, nm
     assert ns['BrierScore'] is m.BrierScore          # the multi-class one, not fastai's binary `BrierScore`
 
-
-def test_calibration_module_is_deprecated_but_still_works():
-    import cskd_fastai.calibration as cal
-    import cskd_fastai.metrics as m, cskd_fastai.interpret as i
-    with pytest.warns(DeprecationWarning, match='cskd_fastai.calibration is deprecated'): cal = importlib.reload(cal)
-    assert sorted(cal.__all__) == sorted(OLD_NAMES)
-    for nm in OLD_NAMES: assert getattr(cal, nm) is getattr(m if nm in m.__all__ else i, nm), nm
-    ns = {}
-    exec('from cskd_fastai.calibration import *', ns)
-    assert set(OLD_NAMES) <= set(ns)
