@@ -1,33 +1,42 @@
 #!/usr/bin/env bash
-# The GPU benchmark and the GPU-only tests, in one command, on a lent GPU machine (see DEVELOPERS.md, "GPUs").
-# Prepare on the development machine first, from the project root: ../shared/gpu/prepare.sh (wheels in .whl/,
-# CIFAR-10 in .gpu-data/); then on the GPU machine, from the project root:
+# CS-KD's overhead on a GPU, and the GPU-only tests, in one command. Run it from a clone of the repository
+# with the project installed as the README says (`pip install -e ".[dev]"`: the tests need pytest), and
+# CIFAR-10 in the layout of fastai's `untar_data(URLs.CIFAR)`, as a folder or a .tgz of one:
 #
-#   benchmarks/gpu.sh          # about 8 minutes: GPU tests, then 32 px resnet18 (fastai recipe and the fast one)
-#   benchmarks/gpu.sh full     # adds 128 px resnet50
+#   benchmarks/gpu.sh ~/.fastai/data/cifar10          # GPU tests, then 32 px resnet18 (fastai's recipe and a fast one)
+#   benchmarks/gpu.sh ~/.fastai/data/cifar10 full     # adds 128 px resnet50
+#   CSKD_CIFAR10=~/.fastai/data/cifar10 benchmarks/gpu.sh
 #
-# Results go to $OUT (or benchmarks/) as results_gpu_<setting>.txt, one file per setting, written as each ends;
-# each ends with the benchmark's JSON line. The device is named in the files.
+# Results go to benchmarks/ (or the folder in $CSKD_BENCH_OUT) as results_gpu_<setting>.txt, one file per
+# setting, written as each ends; each ends with the benchmark's JSON line. gpu_device.txt names the GPU.
 set -uo pipefail
+usage="usage: benchmarks/gpu.sh CIFAR10_PATH [full]   (or set CSKD_CIFAR10; the path is a folder or .tgz in untar_data(URLs.CIFAR)'s layout)"
+data=${1:-${CSKD_CIFAR10:-}}
+mode=${2:-quick}
+if [ -z "$data" ]; then echo "benchmarks/gpu.sh: no CIFAR-10 path given." >&2; echo "$usage" >&2; exit 2; fi
+if [ ! -e "$data" ]; then echo "benchmarks/gpu.sh: $data does not exist." >&2; echo "$usage" >&2; exit 2; fi
+case "$mode" in quick|full) ;; *) echo "benchmarks/gpu.sh: unknown mode '$mode' (quick or full)." >&2; exit 2;; esac
+data=$(cd "$(dirname "$data")" && pwd)/$(basename "$data")     # absolute, before changing directory
 cd "$(dirname "$0")/.."
-mode=${1:-quick}
-out=${OUT:-benchmarks}; mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-data=/tmp/data/cifar10
-[ -d "$data" ] || { mkdir -p /tmp/data && tar xzf .gpu-data/cifar10-jpg.tgz -C /tmp/data; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_device.txt"
-python3 -c "import torch, fastai; print('torch', torch.__version__, 'fastai', fastai.__version__)" | tee -a "$out/gpu_device.txt"
+py=${PYTHON:-python}
+out=${CSKD_BENCH_OUT:-benchmarks}; mkdir -p "$out"
+
+$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh: PyTorch sees no CUDA GPU here.')" || exit 1
+$py -c "import torch, fastai, cskd_fastai; d = torch.cuda.get_device_properties(0)
+print(f'{d.name}, {d.total_memory/2**30:.0f} GiB; torch {torch.__version__} (CUDA {torch.version.cuda}), fastai {fastai.__version__}, cskd_fastai {cskd_fastai.__version__}')" \
+  | tee "$out/gpu_device.txt" || exit 1
 
 echo "=== GPU tests"
-python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/results_gpu_tests.txt"
+if $py -c "import pytest" 2>/dev/null; then
+  $py -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/results_gpu_tests.txt"
+else
+  echo "pytest is not installed (pip install -e \".[dev]\"): GPU tests skipped" | tee "$out/results_gpu_tests.txt"
+fi
 
 run() {  # name, then overhead.py arguments
   local name=$1; shift
   echo "=== $name"
-  timeout 900 python3 benchmarks/overhead.py --data "$data" --device cuda --fp16 --workers 12 "$@" 2>&1 \
+  $py benchmarks/overhead.py --data "$data" --device cuda --fp16 --workers "${CSKD_BENCH_WORKERS:-8}" "$@" 2>&1 \
     | grep -v Warning | tee "$out/results_gpu_$name.txt"
 }
 run 32px_resnet18 --arch resnet18 --size 32 --bs 128 --n-per-class 1000 --epochs 2 --rounds 3

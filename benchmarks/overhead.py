@@ -7,8 +7,11 @@ augmentation (random horizontal flip) everywhere. Each configuration runs in its
 (so that its peak memory can be read), and the configurations are alternated over `--rounds`
 rounds so that drift in machine speed hits all of them. Not part of the test run.
 
-    python benchmarks/overhead.py --data ../shared/data/cifar10-jpg.tgz [--n-per-class 300] [--rounds 3]
-    python benchmarks/overhead.py --data ... --device cuda --fp16 --workers 12 --arch resnet18 --bs 128   # a GPU
+    python benchmarks/overhead.py --data ~/.fastai/data/cifar10 [--n-per-class 300] [--rounds 3]
+    python benchmarks/overhead.py --data ... --device cuda --fp16 --workers 8 --arch resnet18 --bs 128   # a GPU
+
+`--data` is CIFAR-10 in the layout of fastai's `untar_data(URLs.CIFAR)`, a folder or a .tgz of one (without
+`--data`, the environment variable CSKD_CIFAR10); `--data digits` runs on the bundled digits (upscaled).
 
 On a GPU (`--device cuda`, or `auto` when one is there) each configuration also reports its peak GPU memory
 (`torch.cuda.max_memory_allocated` over the timed epochs), `--fp16` trains fastai with `to_fp16()` and the
@@ -16,7 +19,7 @@ PyTorch loops under `torch.autocast` with a `GradScaler`. `--recipe fast` gives 
 (CUDA) `torch.optim.Adam` through `OptimWrapper` and flips images as a batch transform on the device instead of
 an item transform: what a fastai user can do about fastai's own per-step cost.
 
-Without `--data` it uses the bundled digits (upscaled to 32 px). Ends with one JSON line.
+Ends with one JSON line of the figures. `benchmarks/gpu.sh` runs the GPU settings.
 """
 import argparse, json, os, resource, statistics, subprocess, sys, time, warnings
 from pathlib import Path
@@ -148,7 +151,9 @@ def index_times(sizes=(10**4, 10**5, 10**6), n_classes=100, reps=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', default=None, help="folder in train/<class> layout or a .tgz of one (default: digits)")
+    p.add_argument('--data', default=os.environ.get('CSKD_CIFAR10'),
+                   help="CIFAR-10 in untar_data(URLs.CIFAR)'s layout (train/<class>/...), a folder or a .tgz of one "
+                        "(default: $CSKD_CIFAR10); 'digits' for the bundled digits")
     p.add_argument('--n-per-class', type=int, default=300); p.add_argument('--bs', type=int, default=64)
     p.add_argument('--size', type=int, default=32); p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--rounds', '--repeats', dest='repeats', type=int, default=3, help="rounds the configurations are alternated over")
@@ -167,8 +172,11 @@ def main():
         print('RESULT ' + json.dumps(child(a.child, a.root, a.n_per_class, a.bs, a.size, a.epochs + 1, a.workers, a.seed, a.torch_adam,
                                            a.device, a.fp16, a.arch, a.recipe)))
         return
+    if not a.data: p.error("no data: pass --data PATH (CIFAR-10 in untar_data(URLs.CIFAR)'s layout, a folder or a .tgz "
+                           "of one) or set CSKD_CIFAR10; --data digits runs on the bundled digits")
     from cskd_fastai.datasets import image_folder
-    root, _ = image_folder(a.data)
+    try: root, _ = image_folder(None if a.data == 'digits' else a.data)
+    except (FileNotFoundError, ValueError) as e: p.error(f"--data {a.data}: {e}")
     configs = tuple(a.only or CONFIGS)
     res = {c: [] for c in configs}
     for r in range(a.repeats):
