@@ -44,6 +44,8 @@ def test_every_notebook_has_a_page(site):
         h = html(site, 'tutorials/regime_study')
         assert '<h1>CS-KD where cross-entropy overfits' in h
         assert len(re.findall(r'<img [^>]*src="[^"]+\.png"', h)) >= 1       # the sweep plot
+    if (ROOT/'nbs'/'performance.ipynb').exists():
+        assert '<h1>Performance' in html(site, 'performance')
 
 
 def test_front_page(site):
@@ -53,6 +55,9 @@ def test_front_page(site):
     assert re.search(r'<img [^>]*src="_images/[^"]+\.png"', h), 'the front page shows its plot'
     for page, title in API_PAGES.items():      # the navigation
         assert re.search(rf'<a class="reference internal" href="{page}.html">{re.escape(title)}</a>', h), page
+    if (ROOT/'nbs'/'performance.ipynb').exists():   # a page that documents no module is a guide, not an API page
+        nav = re.sub(r'\s+', ' ', text(h))
+        assert re.search(r'Guides[^A-Z]*(\w+ )*Performance', nav) and nav.index('Guides') > nav.index('API')
 
 
 def _public_names(mod):

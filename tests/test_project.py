@@ -1,5 +1,5 @@
 "Project hygiene that a new user relies on: the README matches the front-page notebook, the public API is importable"
-import subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,3 +107,144 @@ def test_torch_pins_agree():
 
 def _text_checks(text, needles):
     for s in needles: assert s in text, s
+
+
+# --------------------------------------------------------------------------------------------------
+# Only the library's world in what a user reads: no path outside the repository, no word of how the
+# project is developed
+
+_LEAKS = {
+    'a path outside the repository': r'\.\./shared\b|\bshared/(data|gpu)\b|/work/|/tmp/team\b|site-packages/',
+    'development notes': r'DEVELOPERS\.md|\bprepare\.sh\b|\.gpu-data\b|\bdevelopment (machine|brief|session)s?\b',
+    '"lent"': r'\blent\b',
+    '"brief" as a document': r'\bbriefs\b|\b(the|development|common|project|helper|your) brief\b'
+                             r'(?!\s+(description|summary|overview|introduction|look|note|example|explanation))',
+    '"session" of development': r'\bsessions?\b',
+}
+# "session" has legitimate uses: a pytest fixture's scope, a Python, Jupyter or shell session
+_SESSION_OK = re.compile(r"""(['"]session['"]|\b(python|ipython|jupyter|interactive|notebook|terminal|shell|pytest|test|ssh|tmux|http|requests?)\s+sessions?\b)""", re.I)
+
+
+def _user_facing_files():
+    "Every file of the repository (tracked, or new and not ignored) that a user or contributor reads"
+    out = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split('\n')
+    tops = ('README.md', 'CHANGELOG.md', 'MANIFEST.in', 'pyproject.toml', '.readthedocs.yaml', 'nbs/', 'cskd_fastai/',
+            'tools/', 'benchmarks/', 'docs/', 'tests/', '.ci/', '.github/')
+    skip = {'cskd_fastai/_modidx.py', 'tests/test_project.py'}     # generated; this file names the patterns
+    binary = ('.png', '.jpg', '.npz', '.npy', '.pkl', '.pth', '.tgz', '.gz', '.zip', '.ico', '.woff', '.woff2')
+    return [f for f in out if f.startswith(tops) and f not in skip and not f.endswith(binary) and (ROOT/f).is_file()]
+
+
+def _readable_text(path):
+    "A notebook's sources and text outputs (not its images); any other file as it is"
+    text = (ROOT/path).read_text(encoding='utf-8', errors='replace')
+    if not path.endswith('.ipynb'): return text
+    parts = []
+    for c in json.loads(text)['cells']:
+        parts.append(''.join(c['source']))
+        for o in c.get('outputs', []):
+            parts.append(''.join(o.get('text', '')))
+            for k, v in o.get('data', {}).items():
+                if k.startswith('text/'): parts.append(''.join(v))
+    return '\n'.join(parts)
+
+
+def _leaks(text):
+    "(pattern name, matched line) for each development leak in `text`"
+    res = []
+    for name, pat in _LEAKS.items():
+        for m in re.finditer(pat, text, re.I):
+            start, end = text.rfind('\n', 0, m.start()) + 1, text.find('\n', m.end())
+            line = text[start:end if end >= 0 else len(text)]
+            if name.startswith('"session"') and any(o.start() <= m.start() - start < o.end() for o in _SESSION_OK.finditer(line)):
+                continue
+            res.append((name, line.strip()[:160]))
+    return res
+
+
+def test_the_leak_patterns_catch_leaks_and_spare_ordinary_words():
+    for s in ['python tools/x.py --data ../shared/data/cifar10-jpg.tgz', 'see DEVELOPERS.md', 'run prepare.sh first',
+              'no GPU was lent to us', 'as the brief asks', 'in this session', 'the sessions that changed it',
+              'on the development machine', 'PYTHONPATH=/work/main', '/usr/lib/python3/site-packages/torch/x.py:3: Warning']:
+        assert _leaks(s), s
+    for s in ["@pytest.fixture(scope='session')", 'in an interactive Python session', 'a brief description',
+              'silent', 'excellent', 'shared weights', 'briefly', 'the shared/ folder of the model']:
+        assert not _leaks(s), s
+
+
+def test_nothing_a_user_reads_speaks_of_development():
+    files = _user_facing_files()
+    assert 'README.md' in files and any(f.startswith('nbs/') for f in files)
+    hits = [f'{f}: {name}: {line}' for f in files for name, line in _leaks(_readable_text(f))]
+    assert not hits, 'development leaks:\n' + '\n'.join(hits)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The front page's study numbers, recomputed from the study's saved results (not from the notebook)
+
+STUDY = ROOT/'nbs'/'tutorials'/'regime_study'
+
+
+def _runs(method):
+    "The 200-epoch, full-subset runs of `method`, one per seed, as saved by tools/regime_study.py"
+    fs = sorted(STUDY.glob(f'{method}_s[0-9]_f100.json'))
+    return [json.loads(f.read_text()) for f in fs]
+
+
+def _pm(xs, nd):
+    import statistics
+    return f'{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs):.{nd}f}'
+
+
+def _paired_interval(a, b):
+    "95% Student-t interval of the mean of b - a over paired seeds"
+    import math, statistics
+    from scipy.stats import t
+    d = [y - x for x, y in zip(a, b)]
+    h = t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return statistics.mean(d) - h, statistics.mean(d) + h
+
+
+def _num(x, nd, plus=False):
+    "As the front page writes a number: a typographic minus, and a + on positive interval ends when asked"
+    s = f'{x:.{nd}f}'.replace('-', '−')
+    return '+' + s if plus and x > 0 else s
+
+
+def test_front_page_study_numbers_match_the_saved_results():
+    ce, cskd = _runs('ce'), _runs('cskd')
+    assert len(ce) == len(cskd) == 3 and [r['seed'] for r in ce] == [r['seed'] for r in cskd]
+    readme = ' '.join((ROOT/'README.md').read_text().split())            # line breaks as spaces
+    col = lambda runs, k, scale=1: [r[k] * scale for r in runs]
+    assert '± is the std over 3 seeds' in readme
+    gap = sum(r['mean_conf'] - r['test_acc'] for r in ce) / 3 * 100
+    assert f'cross-entropy ended {gap:.0f} points overconfident' in readme
+    ece_ce, ece_cskd = col(ce, 'test_ece', 100), col(cskd, 'test_ece', 100)
+    nll_ce, nll_cskd = col(ce, 'test_nll'), col(cskd, 'test_nll')
+    assert f'lowered ECE from {_pm(ece_ce, 1)}% to {_pm(ece_cskd, 1)}%' in readme
+    assert f'NLL from {_pm(nll_ce, 2)} to {_pm(nll_cskd, 2)}, on every seed' in readme
+    assert all(b < a for a, b in zip(ece_ce, ece_cskd)) and all(b < a for a, b in zip(nll_ce, nll_cskd))
+    (elo, ehi), (nlo, nhi) = _paired_interval(ece_ce, ece_cskd), _paired_interval(nll_ce, nll_cskd)
+    assert ehi < 0 and nhi < 0                                           # "solid": the intervals exclude zero
+    assert f'[{_num(elo, 1)}, {_num(ehi, 1)}] points and [{_num(nlo, 2)}, {_num(nhi, 2)}]' in readme
+    err_ce, err_cskd = col(ce, 'test_err', 100), col(cskd, 'test_err', 100)
+    assert f'top-1 error, {_pm(err_cskd, 1)}% against {_pm(err_ce, 1)}%, is no clear gain' in readme
+    lo, hi = _paired_interval(err_ce, err_cskd)
+    assert lo < 0 < hi and f'[{_num(lo, 1)}, {_num(hi, 1, plus=True)}] points, spans zero' in readme
+    ts_ce, ts_cskd = col(ce, 'ts_ece', 100), col(cskd, 'ts_ece', 100)
+    assert sum(ts_ce) < sum(ts_cskd)                                     # temperature-scaled CE is the better calibrated
+    assert f'calibrated cross-entropy better (ECE {_pm(ts_ce, 1)}%) than CS-KD with its own ({_pm(ts_cskd, 1)}%)' in readme
+    assert sum(1 for l in (ROOT/'README.md').read_text().splitlines() if '<!-- finetune -->' in l) <= 1
+
+
+def test_benchmark_scripts_refuse_to_run_without_data():
+    import os
+    env = {k: v for k, v in os.environ.items() if k != 'CSKD_CIFAR10'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'overhead.py')], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and '--data' in r.stderr and 'CSKD_CIFAR10' in r.stderr, r.stderr
+    r = subprocess.run(['bash', str(ROOT/'benchmarks'/'gpu.sh')], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and 'no CIFAR-10 path given' in r.stderr and 'usage:' in r.stderr, r.stderr
+    r = subprocess.run(['bash', str(ROOT/'benchmarks'/'gpu.sh'), str(ROOT/'no-such-folder')], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and 'does not exist' in r.stderr, r.stderr
