@@ -7,11 +7,16 @@ out of training (used only to fit the temperature of "cross-entropy + temperatur
 momentum 0.9, weight decay 1e-4 (L2, as the paper's code), batch 128, step decay ×0.1 at 50 % and 75 %
 of training, pad-4 random crop + horizontal flip. Metrics of the final epoch only.
 
-Every run writes `<out>/<run>.json` when it ends; a run whose file exists is skipped, so the study
-resumes where it stopped. `nbs/tutorials/regime_study.ipynb` reads the files.
+Every run writes `<out>/<run>.json` and `<out>/<run>_logits.npz` (the final model's logits on the test, validation
+and clean training images, float16, with their labels) when it ends; a run whose JSON exists is skipped, so the
+study resumes where it stopped. `nbs/tutorials/regime_study.ipynb` reads the files.
 
-    python tools/regime_study.py --data ../shared/data/cifar10-jpg.tgz            # the whole study
+`--data` is CIFAR-10 in the layout of fastai's `untar_data(URLs.CIFAR)` (a folder with train/<class>/ and test/<class>/,
+or a .tgz of one); without it, the environment variable CSKD_CIFAR10 is used.
+
+    python tools/regime_study.py --data ~/.fastai/data/cifar10                     # the whole study
     python tools/regime_study.py --data ... --list                                 # the runs and which are done
+    python tools/regime_study.py --data ... --only pass_s0_f100 ce_s0_f015          # some runs
     python tools/regime_study.py --data ... --smoke                                # a tiny version, to test the script
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler, SchedNo, SchedLin, combine_scheds
 from fastai.torch_core import set_seed, TensorCategory
 from cskd_fastai.callback import CSKD
+from cskd_fastai.partners import PartnerForward
 from cskd_fastai.metrics import ece, nll, fit_temperature, apply_temperature
 from cskd_fastai.datasets import image_folder
 
@@ -120,13 +126,31 @@ def warmup(pct:float=0.5):
     "λ from 0 to 1 linearly over the first `pct` of training (the high-learning-rate phase), then 1"
     return combine_scheds([pct, 1-pct], [SchedLin(0., 1.), SchedNo(1., 1.)])
 
+def _pass_only():
+    from cskd_fastai.callback import PartnerPassOnly
+    return PartnerPassOnly(partner='forward')
+
+METHODS = {                                 # name: what the Learner gets (callbacks or loss)
+    'ce':          lambda: dict(),
+    'cskd':        lambda: dict(cbs=[CSKD()]),                                       # λ=1, T=4, the paper's
+    'cskd-cache':  lambda: dict(cbs=[CSKD(partner='cache')]),
+    'cskd-warmup': lambda: dict(cbs=[CSKD(lam=warmup())]),
+    'ls':          lambda: dict(loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1)),
+    # the control: CS-KD's partner pass (training mode, BatchNorm statistics updated by the partners), no KD term
+    'pass':        lambda: dict(cbs=[_pass_only()]),
+    # CS-KD whose partner pass leaves BatchNorm's running statistics to the anchors
+    'cskd-nobn':   lambda: dict(cbs=[CSKD(partner=PartnerForward(train=True, bn_stats=False))]),
+    # the λ/T sweep (one changed at a time from the paper's λ=1, T=4)
+    'cskd-lam0.25': lambda: dict(cbs=[CSKD(lam=0.25)]),
+    'cskd-lam0.5':  lambda: dict(cbs=[CSKD(lam=0.5)]),
+    'cskd-lam2':    lambda: dict(cbs=[CSKD(lam=2.)]),
+    'cskd-T2':      lambda: dict(cbs=[CSKD(T=2.)]),
+    'cskd-T8':      lambda: dict(cbs=[CSKD(T=8.)]),
+}
+
 def method_kw(method):
-    if method == 'ce':          return dict(), {}
-    if method == 'cskd':        return dict(cbs=[CSKD()]), {}
-    if method == 'cskd-cache':  return dict(cbs=[CSKD(partner='cache')]), {}
-    if method == 'cskd-warmup': return dict(cbs=[CSKD(lam=warmup())]), {}
-    if method == 'ls':          return dict(loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1)), {}
-    raise ValueError(method)
+    if method not in METHODS: raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    return METHODS[method](), {}
 
 def run_list(seeds=(0, 1, 2)):
     "Every run of the study, most important first: (method, seed, fraction of the full schedule)"
@@ -134,6 +158,14 @@ def run_list(seeds=(0, 1, 2)):
     runs += [(m, 0, f) for f in (0.1, 0.3) for m in ('ce', 'cskd', 'cskd-warmup')]
     runs += [(m, s, 1.) for s in seeds[1:] for m in ('ce', 'cskd')]
     runs += [('cskd-cache', 0, 1.), ('ls', 0, 1.), ('cskd-warmup', 0, 1.)]
+    # added: the partner-pass control on 3 seeds, two more points of the sweep, the λ/T sweep, CS-KD without the
+    # partners' BatchNorm updates
+    runs += [('pass', s, 1.) for s in seeds]
+    runs += [(m, 0, f) for f in (0.15, 0.2) for m in ('ce', 'cskd')]
+    # the λ/T sweep, one seed: where CS-KD ends underconfident (20 epochs) and overconfident (60 and 200 epochs)
+    lt = ('cskd-lam0.25', 'cskd-lam2', 'cskd-T2', 'cskd-T8')
+    runs += [(m, 0, f) for f in (.1, .3) for m in lt]
+    runs += [(m, 0, 1.) for m in ('cskd-lam2', 'cskd-T8', 'cskd-T2', 'cskd-lam0.25', 'cskd-nobn')]
     return runs
 
 def run_name(method, seed, frac): return f"{method}_s{seed}_f{int(round(frac*100)):03d}"
@@ -181,15 +213,18 @@ def one_run(d, method, seed, frac, epochs, out, bs=128, width=16, workers=0, qui
              train_s=train_s, s_per_epoch=train_s/E, history=hist,
              torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out/f'.{run_name(method, seed, frac)}.json.tmp'
+    lg = {f'{k}_logits': res[k][0].half().numpy() for k in res} | {f'{k}_y': res[k][1].numpy().astype(np.int8) for k in res}
+    tmp = out/f'.{run_name(method, seed, frac)}_logits.npz.tmp'
+    with open(tmp, 'wb') as fh: np.savez_compressed(fh, **lg)
+    tmp.replace(out/f'{run_name(method, seed, frac)}_logits.npz')
+    tmp = out/f'.{run_name(method, seed, frac)}.json.tmp'     # the JSON last: its presence marks the run as done
     tmp.write_text(json.dumps(r, indent=1)); tmp.replace(out/f'{run_name(method, seed, frac)}.json')
-    if seed == 0 and frac == 1. and method in ('ce', 'cskd'):   # what the notebook's reliability diagram reads
-        np.savez_compressed(out/f'{run_name(method, seed, frac)}_test_logits.npz', logits=res['test'][0].half().numpy())
     return r
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data', default=os.environ.get('CSKD_CIFAR10', '../shared/data/cifar10-jpg.tgz'))
+    p.add_argument('--data', default=os.environ.get('CSKD_CIFAR10'),
+                   help="CIFAR-10 in URLs.CIFAR's layout (folder or .tgz); default: $CSKD_CIFAR10")
     p.add_argument('--out', default='nbs/tutorials/regime_study')
     p.add_argument('--n-train', type=int, default=100, help="training images per class")
     p.add_argument('--n-val', type=int, default=100, help="held-out validation images per class (temperature only)")
@@ -208,6 +243,8 @@ def main(argv=None):
     if a.list:
         for r in runs: print(run_name(*r), 'done' if (out/f'{run_name(*r)}.json').exists() else '-')
         return
+    if not a.data: p.error("--data is required (CIFAR-10 in URLs.CIFAR's layout: a folder with train/ and test/, "
+                           "or a .tgz of one), or set CSKD_CIFAR10")
     d = load_cifar(a.data, a.n_train, a.n_val, a.n_test)
     for r in runs:
         f = out/f'{run_name(*r)}.json'
