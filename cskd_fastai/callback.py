@@ -18,7 +18,7 @@ from .data import _is_distributed_dl
 from .partners import _check_number, partner_source, PartnerForward, PartnerCache
 
 # %% auto #0
-__all__ = ['cskd_loss', 'CSKD']
+__all__ = ['cskd_loss', 'CSKD', 'PartnerPassOnly']
 
 # %% ../nbs/03_callback.ipynb #1496ec3b
 def cskd_loss(
@@ -145,3 +145,15 @@ class CSKD(Callback):
         "Deprecated: `learn.cskd.source.clear()`"
         warnings.warn("`CSKD.clear_cache()` is deprecated: use `learn.cskd.source.clear()`.", DeprecationWarning, stacklevel=2)
         if isinstance(self.source, PartnerCache): self.source.clear()
+
+# %% ../nbs/03_callback.ipynb #f094a851
+class PartnerPassOnly(CSKD):
+    "Control for attribution: `CSKD`'s partner pass (with its side effects, e.g. on BatchNorm statistics) and no KD term"
+    def __init__(self,
+        partner='forward', # The partner source whose pass to run, as in `CSKD`
+    ): super().__init__(lam=0., partner=partner)
+
+    def before_batch(self):
+        "Take the partners off the batch and run their forward, as `CSKD` does, whatever λ"
+        self.source.split(self.learn)
+        self.source.prepare(self.learn)

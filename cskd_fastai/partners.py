@@ -10,6 +10,7 @@ import math
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from fastai.torch_core import find_bs, num_distrib
 from .data import PairedDL, IndexedDL, split_pairs
@@ -41,6 +42,15 @@ def _all_eval(model):
     finally:
         for m,t in modes: m.training = t
 
+@contextmanager
+def _still_bn_stats(model):
+    "BatchNorm layers in training mode normalise with the batch's statistics but leave their running averages as they are"
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in bns: m.track_running_stats = False     # training mode: batch statistics, running buffers not passed on
+    try: yield
+    finally:
+        for m in bns: m.track_running_stats = True
+
 def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
 
 def _autocast_like(learn):
@@ -54,7 +64,8 @@ class PartnerForward:
     "Partner logits the paper's way: each anchor's partner is loaded with it and run through the model without gradient"
     def __init__(self,
         train:bool=True, # Run the partner forward in training mode (the paper) or in eval mode
-    ): self.train,self.xb,self.logits = train,None,None
+        bn_stats:bool=True, # In training mode, let the partners update BatchNorm's running statistics (the paper's code)
+    ): self.train,self.bn_stats,self.xb,self.logits = train,bn_stats,None,None
 
     def loader(self, dl):
         "A `PairedDL` over `dl` (`dl` itself if it is one)"
@@ -71,7 +82,8 @@ class PartnerForward:
     def prepare(self, learn):
         "Run the partners through the model without gradient, before the anchors' forward"
         xb,self.xb = self.xb,None
-        with torch.no_grad(), _autocast_like(learn), (nullcontext() if self.train else _all_eval(learn.model)):
+        mode = (nullcontext() if self.bn_stats else _still_bn_stats(learn.model)) if self.train else _all_eval(learn.model)
+        with torch.no_grad(), _autocast_like(learn), mode:
             self.logits = _unwrap_ddp(learn.model)(*map(_plain, xb)).detach()
 
     def targets(self, learn):
@@ -81,7 +93,7 @@ class PartnerForward:
         return logits, None
 
     def update(self, learn): self.xb = self.logits = None
-    def __repr__(self): return f"{type(self).__name__}(train={self.train})"
+    def __repr__(self): return f"{type(self).__name__}(train={self.train}, bn_stats={self.bn_stats})"
 
 # %% ../nbs/02_partners.ipynb #d8071096
 def _all_gather_rows(t):
