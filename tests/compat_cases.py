@@ -1,0 +1,532 @@
+"""The fastai paths `CSKD` is tried on, as a list of cases: tests/test_compat.py runs each one as a test, and
+nbs/works_with.ipynb runs them all and shows the outcome of each ("Works with" page).
+
+Every training case is a tiny fit (16 px digits, a few batches, tiny models) checked at every step against
+a computation of its own: the paired batch is read before `CSKD` splits it (anchors and partners must have
+the same label), and the loss `CSKD` backpropagates is recomputed from a copy of the model
+(`CE + λ T² KL`, as tests/conftest.py's `FormulaCheck` does); with `partner='cache'` the check keeps its
+own table of each item's last logits. The other cases are the errors and state issues a user runs into.
+
+`python tests/compat_cases.py` runs every case and prints the table; `--page` re-executes the docs page
+(its saved outputs are what the site shows)."""
+from __future__ import annotations
+import contextlib, io, os, re, sys, tempfile, time, warnings
+from copy import deepcopy
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.vision.all import *
+from fastai.tabular.all import *
+from fastai.text.all import *
+from cskd_fastai.all import *
+
+BS, PX, N_TRAIN, N_VALID = 16, 16, 6, 2      # per class: 60 training digits, 3 batches of 16 (fastai drops the last)
+
+
+class Skip(Exception):
+    "A case that cannot run on this machine, with the reason"
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent checks, at every training step
+
+def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
+def _logits(out): return out[0] if isinstance(out, (tuple, list)) else out
+
+def _kl(target, anchor, T):
+    "Mean over rows of `KL(softmax(target/T) || softmax(anchor/T))`, per row (written out, not `cskd_loss`)"
+    q, logp = torch.softmax(target.float()/T, 1), torch.log_softmax(anchor.float()/T, 1)
+    return (q*(q.clamp_min(1e-30).log() - logp)).sum(1)
+
+def _lam(cb, learn): return float(cb.lam(learn.pct_train)) if callable(cb.lam) else float(cb.lam)
+
+
+def _regularizers(learn):
+    "What fastai's `RNNRegularizer` (text learners) adds to the loss after `CSKD`: its AR and TAR terms, recomputed"
+    reg, rnn = getattr(learn, 'rnn_regularizer', None), getattr(learn, 'rnn', None)
+    if reg is None or rnn is None: return 0.
+    res, h = 0., rnn.raw_out
+    if reg.alpha: res += reg.alpha*rnn.out.detach().float().pow(2).mean()
+    if reg.beta and len(h) > 1: res += reg.beta*(h[:,1:] - h[:,:-1]).detach().float().pow(2).mean()
+    return res
+
+
+class PairCheck(Callback):
+    """`partner='forward'`: before `CSKD` splits the batch, anchors and partners must have the same labels; after the
+    loss, the loss to backpropagate must be the anchors' loss + λ T² KL, with the partners run again through the model
+    as it was before the partner pass (same weights, buffers and random draws; the model's own buffers are left untouched)"""
+    order, run_valid = CSKD.order-1, False
+    def __init__(self, tol=1e-4): self.tol, self.steps, self.kd = tol, 0, []
+    def _model(self): return getattr(self.learn.model, 'module', self.learn.model)
+    def before_batch(self):
+        ys = [_plain(y) for y in self.learn.yb]
+        n = len(ys[0])//2
+        assert len(ys[0]) == 2*n and n > 0, f"expected a paired batch, got {len(ys[0])} rows"
+        bad = (ys[0][:n] != ys[0][n:]).nonzero().flatten().tolist()
+        assert not bad, f"anchor and partner labels differ at rows {bad[:5]}: {ys[0][:n][bad[:5]].tolist()} vs {ys[0][n:][bad[:5]].tolist()}"
+        self.xall, self.yall = [_plain(x).clone() for x in self.learn.xb], [y.clone() for y in ys]
+        self.bufs = [(m, k, b.clone()) for m in self._model().modules() for k, b in m._buffers.items() if b is not None]
+        self.rng = torch.get_rng_state()
+    def _partner_logits(self, train):
+        "The partners through the model with the buffers and random state of `before_batch`, on stand-in buffers"
+        m, n = self._model(), len(self.yall[0])//2
+        orig, rng, modes = [(mm, k, mm._buffers[k]) for mm, k, _ in self.bufs], torch.get_rng_state(), [(mm, mm.training) for mm in m.modules()]
+        try:
+            for mm, k, b in self.bufs: mm._buffers[k] = b.clone()
+            if not train: m.eval()
+            torch.set_rng_state(self.rng)
+            with torch.no_grad(): return _logits(m(*[x[n:] for x in self.xall])).float()
+        finally:
+            for mm, k, b in orig: mm._buffers[k] = b
+            for mm, t in modes: mm.training = t
+            torch.set_rng_state(rng)
+    def before_backward(self):
+        cb, n = self.learn.cskd, len(self.yall[0])//2
+        lam, T = _lam(cb, self.learn), cb.T
+        target = self._partner_logits(getattr(cb.source, 'train', True))
+        pred = _plain(self.learn.pred.detach()).float()
+        base = self.learn.loss_func(self.learn.pred.detach(), *[y[:n] for y in self.yall]) + _regularizers(self.learn)
+        kd = _kl(target, pred, T).mean()
+        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kd).float(),
+                                   rtol=self.tol, atol=self.tol)
+        self.steps += 1; self.kd.append(float(lam*T**2*kd))
+
+
+def train_labels(dl):
+    "The encoded label of each item of `dl.dataset`, by position, read item by item through fastai's own indexing"
+    ds = dl.dataset
+    if hasattr(ds, 'ys') and hasattr(ds, 'y_names'): return torch.as_tensor(np.asarray(ds.ys.iloc[:, 0]), dtype=torch.long)
+    return torch.tensor([int(ds[i][-1]) for i in range(len(ds))])
+
+
+class CacheCheck(Callback):
+    """`partner='cache'`: the positions appended to each batch are the anchors' (their labels agree), each drawn partner
+    is of the anchor's class, and the loss is the anchors' loss + λ T² mean(seen·KL) with the targets read from a table
+    of each item's last logits that this callback keeps itself (fresh for each new `CacheCheck`)"""
+    order, run_valid = CSKD.order-1, False
+    def __init__(self, tol=1e-3): self.tol, self.steps, self.kd, self.table = tol, 0, [], None
+    def before_train(self):
+        if self.table is None: self.labels = train_labels(self.dls.train)
+    def before_batch(self):
+        *ys, pos = [_plain(y) for y in self.learn.yb]
+        lab = self.labels[pos]
+        assert torch.equal(ys[0].cpu(), lab), "the positions appended to the batch are not the anchors'"
+        self.pos, self.y = pos.clone(), ys[0].clone()
+    def before_backward(self):
+        cb, pred = self.learn.cskd, _plain(self.learn.pred.detach()).float()
+        lam, T = _lam(cb, self.learn), cb.T
+        if self.table is None: self.table, self.seen = torch.zeros(len(self.labels), pred.shape[1]), torch.zeros(len(self.labels), dtype=torch.bool)
+        pidx = torch.as_tensor(cb.source.partner_idx).cpu() if lam > 0 else self.pos
+        assert torch.equal(self.labels[pidx], self.labels[self.pos]), "a cached partner of another class"
+        kd = (_kl(self.table[pidx], pred, T)*self.seen[pidx]).mean()
+        base = self.learn.loss_func(self.learn.pred.detach(), self.y) + _regularizers(self.learn)
+        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kd).float(),
+                                   rtol=self.tol, atol=self.tol)
+        self.table[self.pos] = pred.clamp(-6e4, 6e4).half().float(); self.seen[self.pos] = True
+        self.steps += 1; self.kd.append(float(lam*T**2*kd))
+
+
+def check_for(partner): return CacheCheck() if partner == 'cache' else PairCheck()
+
+def fit_checked(learn, partner='forward', n_epoch=1, chk=None, **kwargs):
+    "Fit `learn` (which has a `CSKD`) with the step check for `partner`; the loss must be finite and every step checked"
+    chk = chk or check_for(partner)
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(n_epoch, cbs=chk, **kwargs)
+    assert chk.steps == n_epoch*len(learn.dls.train), f"{chk.steps} steps checked of {n_epoch*len(learn.dls.train)}"
+    rec = getattr(learn, 'recorder', None)
+    if rec is not None:
+        assert 'kd_loss' in rec.metric_names, f"no kd_loss column: {rec.metric_names}"
+        assert np.isfinite(rec.values[-1][0]), "non-finite training loss"
+    return chk
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: small and generated once per folder
+
+class Data:
+    "The inputs the cases build their `DataLoaders` from, made on first use under `root`"
+    def __init__(self, root): self.root = Path(root)
+
+    @property
+    def digits(self) -> Path:
+        "train/<digit>/ and valid/<digit>/ with `N_TRAIN` and `N_VALID` images per class"
+        dest = self.root/'digits'
+        if not (dest/'.complete').exists():
+            full = digits_folder(self.root/'digits_full')
+            for split, k in (('train', N_TRAIN), ('valid', N_VALID)):
+                for c in sorted(p.name for p in (full/split).iterdir()):
+                    (dest/split/c).mkdir(parents=True, exist_ok=True)
+                    for f in sorted((full/split/c).iterdir())[:k]: (dest/split/c/f.name).write_bytes(f.read_bytes())
+            (dest/'.complete').touch()
+        return dest
+
+    def files(self): return sorted(get_image_files(self.digits))
+
+    @property
+    def df(self) -> pd.DataFrame:
+        "One row per image: `fname` (relative to `digits`), `label`, `is_valid`"
+        return pd.DataFrame({'fname': [f.relative_to(self.digits).as_posix() for f in self.files()],
+                             'label': [f.parent.name for f in self.files()],
+                             'is_valid': [f.parent.parent.name == 'valid' for f in self.files()]})
+
+    @property
+    def csv(self) -> Path:
+        p = self.digits/'labels.csv'
+        if not p.exists(): self.df.to_csv(p, index=False)
+        return p
+
+    @property
+    def flat(self) -> list[Path]:
+        "The same images in one folder, named `<label>_<n>.png`"
+        dest = self.root/'flat'
+        if not dest.exists():
+            dest.mkdir()
+            for f in self.files(): (dest/f'{f.parent.name}_{f.stem}.png').write_bytes(f.read_bytes())
+        return sorted(dest.iterdir())
+
+    @property
+    def text_df(self) -> pd.DataFrame:
+        "Three classes of short documents: each class has its own words, plus words all classes share"
+        rng = np.random.default_rng(0)
+        own = {'sports': 'ball goal team score match', 'food': 'bread soup cheese apple salad',
+               'weather': 'rain snow wind cloud storm'}
+        shared = 'the a of today really very'.split()
+        rows = []
+        for c, words in own.items():
+            for i in range(16):
+                ws = list(rng.choice(words.split(), 5)) + list(rng.choice(shared, 3))
+                rng.shuffle(ws)
+                rows.append((' '.join(ws), c, i >= 12))
+        return pd.DataFrame(rows, columns=['text', 'label', 'is_valid'])
+
+    @property
+    def text_folder(self) -> Path:
+        "`text_df` as train/<class>/<n>.txt and valid/<class>/<n>.txt"
+        dest = self.root/'text'
+        if not dest.exists():
+            for i, (t, c, v) in enumerate(self.text_df.itertuples(index=False)):
+                f = dest/('valid' if v else 'train')/c/f'{i:03d}.txt'
+                f.parent.mkdir(parents=True, exist_ok=True); f.write_text(t)
+        return dest
+
+    @property
+    def wine(self) -> pd.DataFrame:
+        "scikit-learn's wine table, as a DataFrame with a `target` column"
+        from sklearn.datasets import load_wine
+        return load_wine(as_frame=True).frame
+
+
+def image_dls(data, how):
+    "The digits through fastai constructor `how`"
+    kw = dict(item_tfms=Resize(PX), bs=BS, num_workers=0)
+    d = data.digits
+    if how == 'from_folder': return ImageDataLoaders.from_folder(d, train='train', valid='valid', **kw)
+    if how == 'from_df': return ImageDataLoaders.from_df(data.df, d, fn_col='fname', label_col='label', valid_col='is_valid', **kw)
+    if how == 'from_csv': return ImageDataLoaders.from_csv(d, csv_fname=data.csv.name, fn_col='fname', label_col='label', valid_col='is_valid', **kw)
+    fs = data.flat
+    if how == 'from_lists': return ImageDataLoaders.from_lists(fs[0].parent, fs, [f.name.split('_')[0] for f in fs], valid_pct=0.25, seed=0, **kw)
+    if how == 'from_name_func': return ImageDataLoaders.from_name_func(fs[0].parent, fs, label_func=lambda name: name.split('_')[0], valid_pct=0.25, seed=0, **kw)
+    if how == 'from_path_re': return ImageDataLoaders.from_path_re(fs[0].parent, fs, pat=r'(\d+)_\d+\.png$', valid_pct=0.25, seed=0, **kw)
+    if how == 'DataBlock(ColReader)':
+        return DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ColReader('fname', pref=f'{d}/'), get_y=ColReader('label'),
+                         splitter=ColSplitter('is_valid'), item_tfms=Resize(PX)).dataloaders(data.df, bs=BS, num_workers=0)
+    if how == 'DataBlock(tuples)':
+        items = [(f, f.parent.name) for f in data.files()]
+        return DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ItemGetter(0), get_y=ItemGetter(1),
+                         splitter=FuncSplitter(lambda o: o[0].parent.parent.name == 'valid'),
+                         item_tfms=Resize(PX)).dataloaders(items, bs=BS, num_workers=0)
+    raise ValueError(how)
+
+
+def tiny_cnn(n_out=10):
+    "A small BatchNorm + dropout CNN"
+    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1),
+                         Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
+
+def text_dls(data, how):
+    if how == 'from_df': return TextDataLoaders.from_df(data.text_df, text_col='text', label_col='label', valid_col='is_valid', bs=8, num_workers=0)
+    return TextDataLoaders.from_folder(data.text_folder, valid='valid', bs=8, num_workers=0)
+
+def tabular_dls(data):
+    df = data.wine
+    return TabularDataLoaders.from_df(df, y_names='target', y_block=CategoryBlock(), cont_names=[c for c in df.columns if c != 'target'],
+                                      procs=[Normalize], valid_idx=list(range(0, len(df), 4)), bs=32, num_workers=0)
+
+SMALL_AWD = dict(awd_lstm_clas_config, emb_sz=16, n_hid=32, n_layers=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The cases
+
+@dataclass
+class Case:
+    group: str     # section of the table
+    what: str      # what the user did
+    run: callable  # run(data) -> a short note; raises on failure, `Skip` where it cannot run here
+    partner: str = ''
+    expect: str = 'trains; partners same-class and the loss is the formula at every step'
+    key: str = ''  # short test id
+    @property
+    def id(self): return self.key or re.sub(r'[^\w]+', '-', f'{self.what}-{self.partner}').strip('-')
+
+
+def _note(chk): return f"{chk.steps} steps checked; mean KD term {np.mean(chk.kd):.3f}"
+
+def _image_case(how, partner):
+    def run(data):
+        dls = image_dls(data, how)
+        learn = Learner(dls, tiny_cnn(dls.c), cbs=CSKD(partner=partner))
+        return _note(fit_checked(learn, partner))
+    return run
+
+def _text_case(how, partner, config=SMALL_AWD):
+    def run(data):
+        dls = text_dls(data, how)
+        learn = text_classifier_learner(dls, AWD_LSTM, pretrained=False, config=config, cbs=CSKD(partner=partner))
+        return _note(fit_checked(learn, partner))
+    return run
+
+def _tabular_case(partner):
+    def run(data):
+        dls = tabular_dls(data)
+        learn = tabular_learner(dls, layers=[16], cbs=CSKD(partner=partner))
+        return _note(fit_checked(learn, partner))
+    return run
+
+
+class TupleNet(nn.Module):
+    "A CNN that returns `(logits, features)`"
+    def __init__(self, n_out=10):
+        super().__init__()
+        self.body, self.head = nn.Sequential(*list(tiny_cnn(n_out).children())[:-1]), nn.Linear(16, n_out)
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h), h
+
+class KeepLogits(Callback):
+    "The first element of the model's output is what the loss and metrics see"
+    def after_pred(self): self.learn.pred = self.pred[0]
+
+def _tuple_model(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, TupleNet(dls.c), cbs=[CSKD(), KeepLogits()])
+    return _note(fit_checked(learn))
+
+
+def _raises_clearly(f, *words):
+    "Run `f`; it must raise, with a message that has each of `words` (regexes, case-insensitive); return the message"
+    try: f()
+    except Exception as e:
+        msg = str(e)
+        missing = [w for w in words if not re.search(w, msg, re.I)]
+        if missing: raise AssertionError(f"raised {type(e).__name__}, but the message misses {missing}: {msg[:300]}") from e
+        return f"{type(e).__name__}: {msg.splitlines()[0][:160]}"
+    raise AssertionError("no error was raised")
+
+def _two_cskd_in_one_fit(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD())
+    def go():
+        with learn.no_bar(): learn.fit(1, cbs=CSKD(T=2.))
+    msg = _raises_clearly(go, r'CSKD', r'already|second|two|more than one|duplicate|only one')
+    assert type(learn.dls.train) is TfmdDL, "the training loader was not put back"
+    fit_checked(learn)                                    # the learner still trains with its own CSKD
+    return msg
+
+def _two_cskd_in_cbs(data):
+    dls = image_dls(data, 'from_folder')
+    def go():
+        learn = Learner(dls, tiny_cnn(), cbs=[CSKD(), CSKD(T=2.)])
+        with learn.no_bar(): learn.fit(1)
+    return _raises_clearly(go, r'CSKD', r'already|second|two|more than one|duplicate|only one')
+
+def _cache_to_new_learner(data):
+    dls = image_dls(data, 'from_folder')
+    cb = CSKD(partner='cache')
+    fit_checked(Learner(dls, tiny_cnn(), cbs=cb), 'cache', n_epoch=2)
+    learn2 = Learner(dls, tiny_cnn(), cbs=cb)
+    chk = fit_checked(learn2, 'cache', chk=CacheCheck())    # a fresh table: the first step's KD term must be 0
+    assert abs(chk.kd[0]) < 1e-6, f"first step's KD term {chk.kd[0]:.3f}, not 0"
+    return f"first step's KD term {chk.kd[0]:.3g}; " + _note(chk)
+
+def _same_cskd_two_learners(data):
+    dls = image_dls(data, 'from_folder')
+    cb = CSKD()
+    try:
+        l1 = Learner(dls, tiny_cnn(), cbs=cb)
+        l2 = Learner(dls, tiny_cnn(), cbs=cb)
+    except Exception as e:
+        if 'CSKD' in str(e): return f"refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        raise
+    for l in (l2, l1, l2): fit_checked(l)
+    for i, l in enumerate((l1, l2)):
+        names = l.recorder.metric_names
+        assert names.count('kd_loss') == 1, f"learner {i+1}'s columns: {names}"
+        v = l.recorder.log[names.index('kd_loss')]
+        assert v is not None and v > 0, f"learner {i+1}'s kd_loss is {v}"
+    return "both learners train and log kd_loss"
+
+def _no_recorder(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD())
+    learn.remove_cb(learn.recorder)
+    return _note(fit_checked(learn))
+
+def _monitor_kd_loss(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD(lam=SchedLin(0, 1)), path=data.root/'learner')
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        with learn.no_bar(): learn.fit(2, cbs=SaveModelCallback(monitor='kd_loss'))
+    hits = [str(w.message) for w in ws if 'kd_loss' in str(w.message)]
+    assert hits, f"no warning about monitoring kd_loss (warnings: {[str(w.message)[:80] for w in ws]})"
+    return f"warns: {hits[0].splitlines()[0][:160]}"
+
+def _one_image_class(data):
+    words = 'zero one two three four five six seven eight nine'.split()
+    fs = [f for f in data.files() if f.parent.name != '3' or f.parent.parent.name == 'valid' or f.name == min(
+          g.name for g in (data.digits/'train'/'3').iterdir())]
+    items = [(f, words[int(f.parent.name)]) for f in fs]
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ItemGetter(0), get_y=ItemGetter(1),
+                    splitter=FuncSplitter(lambda o: o[0].parent.parent.name == 'valid'),
+                    item_tfms=Resize(PX)).dataloaders(items, bs=BS, num_workers=0)
+    learn = Learner(dls, tiny_cnn(dls.c), cbs=CSKD())
+    chk = PairCheck()
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        with learn.no_bar(): learn.fit(2, cbs=chk)
+    hits = [str(w.message) for w in ws if re.search(r"\bthree\b", str(w.message))]
+    assert len(hits) == 1, f"{len(hits)} warnings name the class 'three' in a 2-epoch fit (all: {[str(w.message)[:80] for w in ws]})"
+    assert chk.steps == 2*len(dls.train)
+    return f"warns once: {hits[0].splitlines()[0][:160]}"
+
+def _non_native_fp16(data):
+    dls = image_dls(data, 'from_folder')
+    plain = Learner(dls, tiny_cnn()).to_non_native_fp16()
+    try:
+        with plain.no_bar(), warnings.catch_warnings():
+            warnings.simplefilter('ignore'); plain.fit(1)
+    except Exception as e:
+        raise Skip(f"fastai's to_non_native_fp16() does not train here even without CSKD: {_message(e)[:120]}") from None
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD()).to_non_native_fp16()
+    dtypes = []
+    h = learn.model.register_forward_pre_hook(lambda m, i: dtypes.append((m.training, i[0].dtype)))
+    try:
+        with learn.no_bar(), warnings.catch_warnings():
+            warnings.simplefilter('ignore'); learn.fit(1)
+    finally: h.remove()
+    train = [d for t, d in dtypes if t]
+    assert len(train) == 2*len(dls.train), f"{len(train)} training forwards for {len(dls.train)} steps (expected a partner pass and an anchor pass per step)"
+    assert all(d == torch.float16 for d in train), f"training forwards saw {sorted(set(map(str, train)))}"
+    return f"{len(train)} training forwards, all in float16"
+
+def _relabelled(data):
+    fs = data.files()
+    lab = {f.name: f.parent.name for f in fs}
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=lambda f: lab[f.name], splitter=GrandparentSplitter(),
+                       item_tfms=Resize(PX))
+    dls = dblock.dataloaders(fs, bs=BS, num_workers=0)
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD())
+    fit_checked(learn)
+    names = sorted(lab); new = np.random.default_rng(0).permutation([lab[n] for n in names])
+    lab.update(zip(names, new))                           # the same items, other labels (e.g. after cleaning them)
+    return "after relabelling: " + _note(fit_checked(learn))
+
+
+IMAGE = ['from_folder', 'from_df', 'from_csv', 'from_lists', 'from_name_func', 'from_path_re', 'DataBlock(ColReader)', 'DataBlock(tuples)']
+_CODE = {'from_folder': "ImageDataLoaders.from_folder(path)", 'from_df': "ImageDataLoaders.from_df(df, path, valid_col='is_valid')",
+         'from_csv': "ImageDataLoaders.from_csv(path, 'labels.csv', valid_col='is_valid')",
+         'from_lists': "ImageDataLoaders.from_lists(path, fnames, labels)",
+         'from_name_func': "ImageDataLoaders.from_name_func(path, fnames, label_func)",
+         'from_path_re': "ImageDataLoaders.from_path_re(path, fnames, pat)",
+         'DataBlock(ColReader)': "DataBlock(get_x=ColReader('fname', pref=path), get_y=ColReader('label'), splitter=ColSplitter('is_valid'))",
+         'DataBlock(tuples)': "DataBlock(get_x=ItemGetter(0), get_y=ItemGetter(1)) over (path, label) tuples"}
+
+CASES = ([Case('Data', _CODE[h], _image_case(h, p), p, key=f'image-{h}-{p}') for h in IMAGE for p in ('forward', 'cache')]
+         + [Case('Data', "TabularDataLoaders.from_df(wine, y_names='target', y_block=CategoryBlock()) + tabular_learner", _tabular_case(p), p, key=f'tabular-{p}') for p in ('forward', 'cache')]
+         + [Case('Data', f"TextDataLoaders.{h}(...) + text_classifier_learner (small AWD_LSTM)", _text_case(h, p), p, key=f'text-{h}-{p}')
+            for h in ('from_df', 'from_folder') for p in ('forward', 'cache')]
+         + [Case('Models', "text_classifier_learner(dls, AWD_LSTM, pretrained=False): its model returns a tuple", _text_case('from_df', 'forward', None), 'forward', key='model-awd_lstm'),
+            Case('Models', "a model returning (logits, features), an after_pred callback keeping the logits", _tuple_model, 'forward', key='model-tuple'),
+            Case('Models', "learn.to_non_native_fp16()", _non_native_fp16, 'forward', 'partners run in half precision, like the anchors', key='model-non_native_fp16'),
+            Case('Errors and state', "Learner(..., cbs=CSKD()).fit(1, cbs=CSKD())", _two_cskd_in_one_fit, 'forward',
+                 'a clear error naming the CSKD already there; the learner is left as it was', key='error-two_cskd_in_fit'),
+            Case('Errors and state', "Learner(..., cbs=[CSKD(), CSKD()])", _two_cskd_in_cbs, 'forward', 'a clear error', key='error-two_cskd_in_cbs'),
+            Case('Errors and state', "one CSKD(partner='cache') given to a second learner with a fresh model", _cache_to_new_learner, 'cache',
+                 "the new model's cache starts empty (first step's KD term is 0)", key='state-cache_new_model'),
+            Case('Errors and state', "the same CSKD given to two learners", _same_cskd_two_learners, 'forward',
+                 'both train and log kd_loss, or a clear refusal', key='state-shared_cskd'),
+            Case('Errors and state', "a learner without a Recorder (learn.remove_cb(learn.recorder))", _no_recorder, 'forward', key='state-no_recorder'),
+            Case('Errors and state', "SaveModelCallback(monitor='kd_loss') with CSKD(lam=SchedLin(0, 1))", _monitor_kd_loss, 'forward',
+                 'a warning that kd_loss is a training term', key='warn-monitor_kd_loss'),
+            Case('Errors and state', "a class with one training image", _one_image_class, 'forward',
+                 'trains; one warning naming the class', key='warn-one_item_class'),
+            Case('Errors and state', "the same dataset relabelled at the same length, fit again", _relabelled, 'forward',
+                 'partners follow the new labels', key='state-relabelled')])
+
+
+def _message(e):
+    "An exception's message without fastai's 'Exception occured in `X` when calling event `y`:' line"
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip() and not l.startswith('Exception occured in')]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+def run_case(case, data) -> dict:
+    "Run `case`; its outcome ('pass', 'fail' or 'skip'), a note or the error, and its time"
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            note, status = case.run(data), 'pass'
+    except Skip as e: note, status = str(e), 'skip'
+    except Exception as e: note, status = _message(e)[:240], 'fail'
+    return dict(group=case.group, what=case.what, partner=case.partner, expect=case.expect, status=status, note=note,
+                seconds=round(time.time()-t0, 1))
+
+
+def run_all(root=None, cases=CASES, verbose=False):
+    "Run every case in a fresh folder (a temporary one if `root` is None); a list of outcomes"
+    torch.manual_seed(0); np.random.seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Data(root or tmp)
+        res = []
+        for c in cases:
+            res.append(run_case(c, data))
+            if verbose: print(f"{res[-1]['status']:5} {res[-1]['seconds']:5.1f}s  {c.what} [{c.partner}]: {res[-1]['note']}", flush=True)
+        return res
+
+
+def markdown_table(results) -> str:
+    "The outcomes as one markdown table per group (an *expected* column where the cases of a group expect different things)"
+    out, icon = [], {'pass': '✅ works', 'fail': '❌ fails', 'skip': '➖ not run here'}
+    for g in dict.fromkeys(r['group'] for r in results):
+        rs = [r for r in results if r['group'] == g]
+        same = len({r['expect'] for r in rs}) == 1
+        out += [f"### {g}", ''] + ([f"Expected of each: {rs[0]['expect']}.", ''] if same else [])
+        cols = ['what you do', 'partner'] + ([] if same else ['expected']) + ['outcome', 'details']
+        out += ['| ' + ' | '.join(cols) + ' |', '|' + '---|'*len(cols)]
+        for r in rs:
+            cells = [f"`{r['what']}`" if g == 'Data' else r['what'], r['partner']] + ([] if same else [r['expect']])
+            cells += [icon[r['status']], r['note']]
+            out.append('| ' + ' | '.join(str(c).replace('|', '\\|') for c in cells) + ' |')
+        out.append('')
+    return '\n'.join(out)
+
+
+if __name__ == '__main__':
+    if '--page' in sys.argv:
+        from execnb.shell import CaptureShell
+        nb = Path(__file__).resolve().parent.parent/'nbs'/'works_with.ipynb'
+        os.chdir(nb.parent)
+        CaptureShell().execute(nb, nb)
+        import subprocess; subprocess.run(['nbdev-clean', '--fname', str(nb)], check=True)
+    else:
+        torch.set_num_threads(int(os.environ.get('CSKD_TEST_THREADS', 2)))
+        res = run_all(verbose=True)
+        print(markdown_table(res))
