@@ -6,18 +6,19 @@ Docs: https://cskd-fastai.readthedocs.io/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #4e1a113d
 from __future__ import annotations
-import random, sys, tempfile, warnings, weakref
+import random, sys, warnings
 from copy import copy
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from fastcore.basics import store_attr, patch, chunked
+from fastcore.basics import patch, chunked
 from fastcore.meta import delegates
 from fastai.torch_core import find_bs, apply, TensorImage
 from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, DataLoaders
 from fastai.data.block import DataBlock
+from fastai.data.transforms import ColReader, ItemGetter
 
 # %% auto #0
 __all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'IndexedDL']
@@ -53,6 +54,44 @@ def label_array(labels) -> np.ndarray:
     if len(arr) and arr.min() < 0: raise ValueError(f"Class labels must be >= 0; found {arr.min()}.")
     return arr
 
+# %% ../nbs/00_data.ipynb #a724954b
+def _field_values(items, f):
+    "What `f`, the first step of a target pipeline, reads from each of `items`, when it reads one field; None otherwise"
+    if isinstance(items, pd.DataFrame):
+        if not (isinstance(f, ColReader) and len(f.cols) == 1): return None
+        c = f.cols[0]
+        if isinstance(c, int): col = items.iloc[:, c] if -items.shape[1] <= c < items.shape[1] else None
+        else: col = items[c] if c in items.columns else None
+        return col if col is not None and col.ndim == 1 else None
+    if type(f) is ItemGetter and isinstance(items, (list, tuple, np.ndarray)):
+        try: return pd.Series([o[f.i] for o in items], dtype=object)
+        except Exception: return None           # the row-by-row path raises the pipeline's own error
+    return None
+
+def _first_positions(codes, k):
+    "Position of the first occurrence of each of the codes `0..k-1` in `codes`"
+    first = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)   # codes numbered by first appearance
+    if len(first) == k and (codes[first] == np.arange(k)).all(): return first
+    return np.unique(codes, return_index=True)[1]
+
+def _labels_by_value(tl, vals):
+    "Labels of `tl`'s items, its pipeline run once per distinct value of `vals`; None where values cannot be grouped safely"
+    try: codes,uniq = pd.factorize(vals, use_na_sentinel=False)
+    except TypeError: return None                                           # unhashable values
+    if len({type(u) for u in uniq if u is not None and u == u}) > 1: return None   # mixed types: 1, 1.0 and True would merge
+    get = tl.items.iloc.__getitem__ if hasattr(tl.items, 'iloc') else tl.items.__getitem__
+    return label_array([tl.tfms(get(int(j))) for j in _first_positions(codes, len(uniq))])[codes]
+
+def _target_labels(tl):
+    "Encoded label of every item of target `TfmdLists` `tl`, each item as `tl[i]` sees it"
+    items = tl.items
+    if not len(items): return np.zeros(0, dtype=np.int64)
+    vals = _field_values(items, tl.tfms.fs[0]) if len(tl.tfms.fs) else None
+    res = None if vals is None else _labels_by_value(tl, vals)
+    if res is not None: return res
+    rows = (items.iloc[i] for i in range(len(items))) if hasattr(items, 'iloc') else items   # fastai indexes rows by position
+    return label_array(tl.tfms(o) for o in rows)
+
 # %% ../nbs/00_data.ipynb #049f7012
 def item_labels(dataset, n_inp:int=1) -> np.ndarray:
     "Encoded class label of every item of `dataset`, read from its target pipeline (inputs are not loaded)"
@@ -60,8 +99,7 @@ def item_labels(dataset, n_inp:int=1) -> np.ndarray:
         if len(dataset.tls) <= n_inp:
             raise ValueError(f"{_single_label_msg}; this dataset has no target (its {len(dataset.tls)} "
                              f"pipeline(s) are all inputs).")
-        tl = dataset.tls[n_inp]
-        return label_array(tl.tfms(o) for o in tl.items)
+        return _target_labels(dataset.tls[n_inp])
     if hasattr(dataset, 'ys') and hasattr(dataset, 'y_names'):          # fastai TabularPandas
         if len(dataset.y_names) != 1:
             raise ValueError(f"{_single_label_msg}; this table has {len(dataset.y_names)} target columns.")
@@ -99,6 +137,11 @@ class ClassIndex:
         "Number of classes seen (largest label + 1)"
         return len(self.counts)
 
+    @property
+    def singletons(self) -> np.ndarray:
+        "Classes with exactly one item: that item is always its own partner"
+        return np.flatnonzero(self.counts == 1)
+
     def members(self, c:int) -> np.ndarray:
         "Positions of the items of class `c` (empty if the class has none)"
         if c >= len(self.counts): return self.order[:0]
@@ -115,21 +158,25 @@ class ClassIndex:
         return self.order[self.starts[cls] + rng.integers(0, self.counts[cls])]
 
 # %% ../nbs/00_data.ipynb #0e459711
-_index_cache = weakref.WeakKeyDictionary()
+def _class_names(dl, cs):
+    "Names of classes `cs` in `dl`'s vocabulary, or their numbers"
+    try: vocab = getattr(dl, 'vocab', None)
+    except Exception: vocab = None
+    try: return [repr(str(vocab[c])) for c in cs]
+    except Exception: return [str(c) for c in cs]
 
 def class_index(dl, labels=None) -> ClassIndex:
-    "The `ClassIndex` of the items of `dl.dataset` (cached per dataset), or of `labels` if given"
-    if labels is not None: return ClassIndex(labels)
-    ds = dl.dataset
-    if ds is None: raise ValueError("CS-KD pairing needs a DataLoader over an indexed dataset.")
-    n_inp = getattr(dl, 'n_inp', 1)
-    key = (n_inp, len(ds))
-    try: hit = _index_cache.get(ds)
-    except TypeError: hit = None                  # unhashable or not weak-referenceable: no caching
-    if hit is not None and hit[0] == key: return hit[1]
-    res = ClassIndex(item_labels(ds, n_inp))
-    try: _index_cache[ds] = (key, res)
-    except TypeError: pass
+    "A `ClassIndex` of the items of `dl.dataset`, read now (nothing is cached), or of `labels` if given"
+    if labels is None:
+        ds = dl.dataset
+        if ds is None: raise ValueError("CS-KD pairing needs a DataLoader over an indexed dataset.")
+        labels = item_labels(ds, getattr(dl, 'n_inp', 1))
+    res = ClassIndex(labels)
+    if len(res.singletons):
+        names = _class_names(dl, res.singletons[:10])
+        more = f" and {len(res.singletons)-10} more" if len(res.singletons) > 10 else ""
+        warnings.warn(f"{len(res.singletons)} class(es) with a single training item, which is always paired with "
+                      f"itself: {', '.join(names)}{more}.", stacklevel=2)
     return res
 
 # %% ../nbs/00_data.ipynb #40694900
@@ -148,7 +195,9 @@ class _WrappedDL(DataLoader):
         index:ClassIndex|None=None, # A prebuilt `ClassIndex` (overrides `labels`)
     ):
         name = type(self).__name__
-        if isinstance(dl, _WrappedDL): dl = dl.dl
+        if isinstance(dl, _WrappedDL):
+            if index is None and labels is None: index = dl.index
+            dl = dl.dl
         if _is_distributed_dl(dl): raise ValueError(f"Wrap the plain loader, then shard it: `DistributedDL({name}(dl))`, "
                                                     f"not `{name}(DistributedDL(dl))`.")
         if getattr(dl, 'bs', None) is None: raise ValueError(f"{name} needs a batched loader (`bs` is None).")
@@ -164,6 +213,12 @@ class _WrappedDL(DataLoader):
                               n=dl.n, device=dl.device, persistent_workers=fake.persistent_workers)
         finally: random.setstate(state)
 
+    def create_batches(self, samps):
+        "Batches of `bs` samples, each loaded through the wrapped loader (`_load`) and collated (`_collate`)"
+        for chunk in chunked(samps, self.bs, self.drop_last):
+            its = [o for o in map(self._load, chunk) if o is not None]     # SkipItemException drops a sample
+            if its: yield self._collate(its)
+
     def __len__(self): return len(self.dl)
     def randomize(self): self.dl.randomize()
     def before_iter(self): self.dl.before_iter()
@@ -176,7 +231,6 @@ class _WrappedDL(DataLoader):
     def new(self, *args, **kwargs):
         "A plain copy of the wrapped loader, see `DataLoader.new`"
         return self.dl.new(*args, **kwargs)
-
 
 # %% ../nbs/00_data.ipynb #9a1934d6
 class PairedDL(_WrappedDL):
@@ -193,14 +247,14 @@ class PairedDL(_WrappedDL):
         partners = self.index.sample(anchors, self._partner_rng()).tolist()
         return list(zip(anchors, partners))
 
-    def create_batches(self, samps):
-        "Batches of `bs` anchors followed by their `bs` partners, loaded by the wrapped loader"
-        dl = self.dl
-        for chunk in chunked(samps, self.bs, self.drop_last):
-            its = [(dl.do_item(a), dl.do_item(p)) for a,p in chunk]
-            its = [o for o in its if o[0] is not None and o[1] is not None]   # SkipItemException drops the pair
-            if its: yield dl.do_batch([a for a,_ in its] + [p for _,p in its])
+    def _load(self, s):
+        "An (anchor, partner) pair of loaded items; None if either is skipped"
+        a,p = self.dl.do_item(s[0]),self.dl.do_item(s[1])
+        return None if a is None or p is None else (a, p)
 
+    def _collate(self, its):
+        "The anchors followed by their partners, collated by the wrapped loader"
+        return self.dl.do_batch([a for a,_ in its] + [p for _,p in its])
 
 # %% ../nbs/00_data.ipynb #84937f7c
 def split_pairs(b):
@@ -258,13 +312,21 @@ class IndexedDL(_WrappedDL):
         "The wrapped loader's order"
         return list(self.dl.get_idxs())
 
-    def create_batches(self, samps):
-        "`dl`'s batches, each with the positions of its rows appended"
-        dl = self.dl
-        for chunk in chunked(samps, self.bs, self.drop_last):
-            its = [(i, dl.do_item(i)) for i in chunk]
-            its = [(i,o) for i,o in its if o is not None]                   # SkipItemException drops the item
-            if its: yield (*dl.do_batch([o for _,o in its]), torch.tensor([i for i,_ in its], dtype=torch.long))
+    def _load(self, i):
+        "A position and its loaded item; None if the item is skipped"
+        o = self.dl.do_item(i)
+        return None if o is None else (i, o)
+
+    def _collate(self, its):
+        "`dl`'s collated batch of the items, and their positions"
+        return self.dl.do_batch([o for _,o in its]), torch.tensor([i for i,_ in its], dtype=torch.long)
+
+    def after_batch(self, b):
+        "`dl`'s batch transforms on the batch (not on the positions), then the positions appended"
+        b,pos = b
+        if type(b) is list: b = tuple(b)     # `pin_memory` turns tuples into lists, as `DataLoader.__iter__` undoes
+        b = self.dl.after_batch(b)
+        return (*b, pos) if isinstance(b, (tuple, list)) else (b, pos)
 
 # %% ../nbs/00_data.ipynb #7cf49905
 @patch
@@ -278,13 +340,3 @@ def show_batch(self:IndexedDL,
     "Show a batch as the wrapped loader would (the positions are not shown)"
     if b is None: b = self.one_batch()
     return self.dl.show_batch(b=b[:-1], max_n=max_n, ctxs=ctxs, show=show, **kwargs)
-
-# %% ../nbs/00_data.ipynb #0b5fcec6
-def __getattr__(name):
-    "Names that moved to `cskd_fastai.datasets`, still importable from here for one release"
-    if name == 'digits_folder':
-        warnings.warn("`cskd_fastai.data.digits_folder` moved to `cskd_fastai.datasets.digits_folder`; the old path "
-                      "goes in the next release.", DeprecationWarning, stacklevel=2)
-        from .datasets import digits_folder
-        return digits_folder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
