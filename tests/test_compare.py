@@ -17,8 +17,22 @@ def _run(*args, env=None):
 def test_help():
     r = _run('--help'); assert r.returncode == 0 and 'compare' in r.stdout
     r = _run('compare', '--help'); assert r.returncode == 0
-    for opt in ['--data', '--arch', '--epochs', '--bs', '--size', '--lam', '--T', '--seeds', '--out', '--methods']:
+    for opt in ['--data', '--arch', '--epochs', '--bs', '--size', '--lam', '--T', '--seeds', '--out', '--methods', '--calib-pct',
+                '--quiet', 'CSV']:
         assert opt in r.stdout, opt
+    assert 'Warning' not in r.stderr, r.stderr                # no third-party notice (e.g. torch.jit.script's)
+
+
+def test_cli_defaults_are_compare_defaults():
+    "The command line's defaults are read from `compare`'s signature, not repeated"
+    import inspect
+    from cskd_fastai.compare import _parser
+    a = vars(_parser().parse_args(['compare'])); a.pop('command')
+    sig = inspect.signature(compare).parameters
+    assert set(a) == set(sig) - {'learner'}
+    for k, v in a.items():
+        d = sig[k].default
+        assert v == (list(d) if isinstance(d, tuple) else d), k
 
 
 def test_default_one_epoch_writes_results(tmp_path):
@@ -28,24 +42,33 @@ def test_default_one_epoch_writes_results(tmp_path):
     assert 'cross-entropy' in r.stdout and 'CS-KD' in r.stdout and "'valid' split" in r.stdout
     assert '300 training' in r.stdout                      # the bundled default keeps 30 images a class
     for s in ['CS-KD vs cross-entropy, top-1 error:', 'CS-KD vs cross-entropy, NLL:', 'CS-KD vs cross-entropy, ECE:',
-              'Regime: cross-entropy ends at', 'regime_study']: assert s in r.stdout, s
+              'The KD term (CS-KD vs partner pass, no KD term), ECE:', 'The partner pass (partner pass, no KD term vs cross-entropy), NLL:',
+              'CS-KD vs the calibrated baseline (cross-entropy + temperature), ECE:',
+              'CS-KD + temperature vs cross-entropy + temperature, NLL:',
+              'nothing can be concluded about its sign', 'Regime: cross-entropy ends', 'regime_study', 'One seed']:
+        assert s in r.stdout, s
+    assert '30 epochs' not in r.stdout and 'default 30' not in r.stdout     # the note speaks of no run length but the study's
+    assert ' better ' not in r.stdout and ' worse ' not in r.stdout          # one seed: no sign
     names = {f.name for f in out.iterdir()}
-    assert names == {'results.json', 'results.csv', 'predictions.npz', 'curves.csv', 'reliability.png', 'curves.png'}
+    assert names == {'config.json', 'runs', 'results.json', 'results.csv', 'predictions.npz', 'curves.csv', 'reliability.png', 'curves.png'}
     js = json.loads((out/'results.json').read_text())
-    assert [s['method'] for s in js['summary']] == ['ce', 'cskd'] and len(js['runs']) == 2
+    assert [s['method'] for s in js['summary']] == ['ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts'] and len(js['runs']) == 5
     for s in js['summary']:
         assert 0 <= s['top1_err'] <= 1 and s['nll'] > 0 and 0 <= s['ece'] <= 1 and s['s_per_epoch'] > 0
     preds = np.load(out/'predictions.npz')
-    p, t = preds['cskd/0/probs'], preds['cskd/0/targs']
-    assert p.shape == (len(t), 10) and np.allclose(p.sum(1), 1, atol=1e-4)
-    # the recorded error is the error of the saved predictions
-    err = (p.argmax(1) != t).mean()
-    assert abs(err - js['summary'][1]['top1_err']) < 1e-6
+    for i, m in enumerate(['ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts']):
+        p, t = preds[f'{m}/0/probs'], preds[f'{m}/0/targs']
+        assert p.shape == (len(t), 10) and np.allclose(p.sum(1), 1, atol=1e-4)
+        # the recorded error and NLL are those of the saved predictions
+        assert abs((p.argmax(1) != t).mean() - js['summary'][i]['top1_err']) < 1e-6
+        assert js['summary'][i]['nll'] == pytest.approx(-np.log(p[np.arange(len(t)), t].astype(np.float64)).mean(), rel=1e-4)
+    # a temperature changes no prediction
+    assert (preds['ce+ts/0/probs'].argmax(1) == preds['ce/0/probs'].argmax(1)).all()
 
 
 def test_seeds_give_mean_and_std_and_same_seed_reproduces():
     import statistics
-    res = compare(methods=('ce',), epochs=1, seeds=(0, 1), n_per_class=30, verbose=False)
+    res = compare(methods=('ce',), epochs=1, seeds=(0, 1), n_per_class=30, calib_pct=0, verbose=False)
     assert res.loc['ce', 'n_seeds'] == 2
     # each seed's NLL and error from its saved predictions, computed here, then mean and sample std by hand
     preds = res.attrs['preds']
@@ -57,7 +80,7 @@ def test_seeds_give_mean_and_std_and_same_seed_reproduces():
     assert res.loc['ce', 'nll'] == pytest.approx(statistics.mean(nlls), rel=1e-4)
     assert res.loc['ce', 'nll_std'] == pytest.approx(statistics.stdev(nlls), rel=1e-3, abs=1e-6)
     assert res.loc['ce', 'top1_err'] == pytest.approx(statistics.mean(errs), abs=1e-6)
-    again = compare(methods=('ce',), epochs=1, seeds=(1,), n_per_class=30, verbose=False)
+    again = compare(methods=('ce',), epochs=1, seeds=(1,), n_per_class=30, calib_pct=0, verbose=False)
     assert again.loc['ce', 'nll'] == pytest.approx(nlls[1], rel=1e-4)
     t = results_table(res)
     assert '±' in t.loc['cross-entropy', 'NLL']
@@ -82,7 +105,8 @@ def test_tgz_with_test_split_says_where_numbers_come_from(tmp_path, monkeypatch)
     r = _run('compare', '--data', str(arc), '--epochs', '1', '--bs', '16', '--methods', 'cskd', '--quiet',
              env={'CSKD_FASTAI_CACHE': str(tmp_path/'cache')})
     assert r.returncode == 0, r.stderr
-    assert "'test' split" in r.stdout and '60 training / 60' in r.stdout
+    # 6 training images a class: one of each class (20%, rounded) is set aside to fit temperatures
+    assert "'test' split" in r.stdout and '50 training / 60' in r.stdout and '10 more training items' in r.stdout
     assert (tmp_path/'cache'/'mini'/'.complete').exists()
 
 
@@ -101,19 +125,14 @@ def test_bad_hyperparameter_fails_before_training():
     assert r.returncode == 2 and '`lam`' in r.stderr
 
 
-def test_interrupt_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_interrupt_before_any_run_finished(tmp_path, monkeypatch, capsys):
     from fastai.learner import Learner
-    calls = []
-    def boom(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2: raise KeyboardInterrupt        # the second training run is interrupted
-        return orig(self, *a, **k)
-    orig = Learner.fit_one_cycle
+    def boom(self, *a, **k): raise KeyboardInterrupt
     monkeypatch.setattr(Learner, 'fit_one_cycle', boom)
     out = tmp_path/'res'
     assert main(['compare', '--epochs', '1', '--n-per-class', '20', '--out', str(out), '--quiet']) == 130
-    assert not out.exists() and not [p for p in tmp_path.iterdir()]
-    assert 'nothing was written' in capsys.readouterr().err
+    assert 'no run had finished' in capsys.readouterr().err
+    assert not (out/'runs').exists() and not (out/'results.json').exists()
 
 
 def test_cache_method_runs():
@@ -134,7 +153,7 @@ def test_train_error_and_confidence_gap_are_what_the_predictions_say():
     # (what Resize(32) does to these square images; no Normalize, the model is not pretrained), the model in eval mode
     import torch
     from PIL import Image
-    learn = res.attrs['interps']['ce'].learn
+    learn = res.attrs['learners']['ce']
     items, vocab = learn.dls.train_ds.items, list(learn.dls.vocab)
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert('RGB').resize((32, 32), Image.BILINEAR)).copy())
                      .permute(2, 0, 1).float()/255 for f in items])
