@@ -16,7 +16,7 @@ from fastcore.basics import patch, chunked
 from fastcore.meta import delegates
 from fastai.torch_core import find_bs, apply, TensorImage
 from fastai.data.load import DataLoader
-from fastai.data.core import Datasets, DataLoaders
+from fastai.data.core import Datasets, DataLoaders, compose_tfms
 from fastai.data.block import DataBlock
 from fastai.data.transforms import ColReader, ItemGetter
 
@@ -56,7 +56,7 @@ def label_array(labels) -> np.ndarray:
 
 # %% ../nbs/00_data.ipynb #a724954b
 def _field_values(items, f):
-    "What `f`, the first step of a target pipeline, reads from each of `items`, when it reads one field; None otherwise"
+    "What `f`, the first step of a target pipeline, reads from each of `items`, read at once when it reads one field; None otherwise"
     if isinstance(items, pd.DataFrame):
         if not (isinstance(f, ColReader) and len(f.cols) == 1): return None
         c = f.cols[0]
@@ -65,8 +65,16 @@ def _field_values(items, f):
         return col if col is not None and col.ndim == 1 else None
     if type(f) is ItemGetter and isinstance(items, (list, tuple, np.ndarray)):
         try: return pd.Series([o[f.i] for o in items], dtype=object)
-        except Exception: return None           # the row-by-row path raises the pipeline's own error
+        except Exception: return None           # the step-by-step path raises the pipeline's own error
     return None
+
+_scalar_types = (str, bytes, int, float, np.generic)   # `bool` is an `int`
+
+def _groupable(vals) -> bool:
+    "Whether the values of `vals` that compare equal are alike (one scalar type), so that grouping them is exact"
+    if vals.dtype != object: return True      # a typed column: one type (its missing values are alike too)
+    ts = {type(v) for v in vals}              # 1, 1.0, True, or None and NaN, compare equal but read differently
+    return len(ts) == 1 and issubclass(ts.pop(), _scalar_types)
 
 def _first_positions(codes, k):
     "Position of the first occurrence of each of the codes `0..k-1` in `codes`"
@@ -74,23 +82,22 @@ def _first_positions(codes, k):
     if len(first) == k and (codes[first] == np.arange(k)).all(): return first
     return np.unique(codes, return_index=True)[1]
 
-def _labels_by_value(tl, vals):
-    "Labels of `tl`'s items, its pipeline run once per distinct value of `vals`; None where values cannot be grouped safely"
-    try: codes,uniq = pd.factorize(vals, use_na_sentinel=False)
-    except TypeError: return None                                           # unhashable values
-    if len({type(u) for u in uniq if u is not None and u == u}) > 1: return None   # mixed types: 1, 1.0 and True would merge
-    get = tl.items.iloc.__getitem__ if hasattr(tl.items, 'iloc') else tl.items.__getitem__
-    return label_array([tl.tfms(get(int(j))) for j in _first_positions(codes, len(uniq))])[codes]
+def _by_value(tl, item, vals):
+    "Labels of `tl`'s items: its pipeline once per distinct value in `vals`, on the first item that has it"
+    codes,uniq = pd.factorize(vals, use_na_sentinel=False)
+    return label_array([tl.tfms(item(int(j))) for j in _first_positions(codes, len(uniq))])[codes]
 
 def _target_labels(tl):
     "Encoded label of every item of target `TfmdLists` `tl`, each item as `tl[i]` sees it"
-    items = tl.items
+    items,fs,split_idx = tl.items,tl.tfms.fs,tl.tfms.split_idx
     if not len(items): return np.zeros(0, dtype=np.int64)
-    vals = _field_values(items, tl.tfms.fs[0]) if len(tl.tfms.fs) else None
-    res = None if vals is None else _labels_by_value(tl, vals)
-    if res is not None: return res
-    rows = (items.iloc[i] for i in range(len(items))) if hasattr(items, 'iloc') else items   # fastai indexes rows by position
-    return label_array(tl.tfms(o) for o in rows)
+    item = items.iloc.__getitem__ if hasattr(items, 'iloc') else items.__getitem__   # fastai indexes rows by position
+    if not len(fs): return label_array(item(i) for i in range(len(items)))
+    vals = _field_values(items, fs[0])          # the field the first step reads, read at once
+    if vals is not None and _groupable(vals): return _by_value(tl, item, vals)
+    vals = pd.Series([fs[0](item(i), split_idx=split_idx) for i in range(len(items))], dtype=object)   # the first step
+    if _groupable(vals): return _by_value(tl, item, vals)
+    return label_array(compose_tfms(v, tfms=fs[1:], split_idx=split_idx) for v in vals)   # the rest, item by item
 
 # %% ../nbs/00_data.ipynb #049f7012
 def item_labels(dataset, n_inp:int=1) -> np.ndarray:

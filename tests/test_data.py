@@ -74,20 +74,38 @@ def test_colreader_by_position_and_numeric_rows():
     assert item_labels(ds).tolist() == codes(ds.vocab, [f'c{float(v)}' for v in df.y])
 
 
-def test_mixed_type_column_is_read_row_by_row():
-    "1, 1.0 and True are equal as values but read differently with a prefix: none may be merged"
-    ys = [1, 1.0, True, '1', 2]*4
+@pytest.mark.parametrize('ys', [[1, 1.0, True, 2], [1, 1.0, True, '1', 2], [np.int64(1), 1, 1.0]])
+def test_values_equal_but_read_differently_are_not_merged(ys):
+    "1, 1.0 and True compare equal but read differently with a prefix: none may stand for another"
+    ys = ys*4
     df = pd.DataFrame({'x': range(len(ys)), 'y': pd.Series(ys, dtype=object)})
     ds = Datasets(df, [[ColReader('x')], [ColReader('y', pref='c'), Categorize()]])
-    assert len(ds.vocab) == 4                                            # c1 (from 1 and '1'), c1.0, cTrue, c2
     assert item_labels(ds).tolist() == codes(ds.vocab, [f'c{v}' for v in ys])
+    ds = Datasets(list(zip(range(len(ys)), ys)), [[ItemGetter(0)], [ItemGetter(1), lambda o: f'{type(o).__name__} {o}', Categorize()]])
+    assert item_labels(ds).tolist() == codes(ds.vocab, [f'{type(o).__name__} {o}' for o in ys])
 
 
 def test_missing_values_in_the_label_column():
+    "None and NaN compare alike to pandas, not to a label function"
     ys = ['a', None, 'b', np.nan, 'a', 'b']*3
     df = pd.DataFrame({'x': range(len(ys)), 'y': pd.Series(ys, dtype=object)})
-    ds = Datasets(df, [[ColReader('x')], [ColReader('y'), lambda o: 'none' if pd.isna(o) else o, Categorize()]])
-    assert item_labels(ds).tolist() == codes(ds.vocab, ['none' if pd.isna(v) else v for v in ys])
+    ds = Datasets(df, [[ColReader('x')], [ColReader('y'), lambda o: f'<{o}>', Categorize()]])
+    assert len(ds.vocab) == 4
+    assert item_labels(ds).tolist() == codes(ds.vocab, [f'<{v}>' for v in ys])
+
+
+@pytest.mark.parametrize('split_idx', [0, 1])
+def test_split_specific_label_steps(split_idx):
+    "A step that runs on one split only (`split_idx`) is applied as the pipeline applies it"
+    class Upper(Transform):
+        split_idx = 0
+        def encodes(self, o:str): return o.upper()
+    items = [f'{c}/{i}' for i,c in enumerate('abcab'*4)]
+    tl = TfmdLists(items, [lambda o: o.split('/')[0], Upper(), Categorize(vocab=['a', 'b', 'c', 'A', 'B', 'C'])],
+                   split_idx=split_idx)
+    ds = Datasets(tls=[TfmdLists(items, [noop]), tl])
+    want = [o.split('/')[0] for o in items]
+    assert item_labels(ds).tolist() == codes(tl.vocab, [o.upper() if split_idx == 0 else o for o in want])
 
 
 def test_other_label_functions_on_rows(digits_df):
@@ -176,6 +194,12 @@ def test_sequences_of_items(kind):
     items = {'list': rows, 'tuple': tuple(rows), 'L': L(rows), 'array': np.array(rows, dtype=object)}[kind]
     ds = Datasets(items, [[ItemGetter(0)], [ItemGetter(1), Categorize()]])
     assert item_labels(ds).tolist() == codes(ds.vocab, [y for _,y in rows])
+
+
+def test_paths_first_step_per_item_then_per_value(files):
+    "`parent_label` on each path, `Categorize` once per class"
+    ds = Datasets(files, [[noop], [parent_label, Categorize()]])
+    assert item_labels(ds).tolist() == codes(ds.vocab, [f.parent.name for f in files])
 
 
 def test_array_of_integer_labels():
