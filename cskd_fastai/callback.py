@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from fastai.torch_core import find_bs, maybe_gather, num_distrib
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
+from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
-from .data import _is_distributed_dl
-from .partners import _check_number, partner_source, PartnerForward, PartnerCache
+from .data import _is_distributed_dl, class_index, PairedDL, IndexedDL
+from .partners import check_number, partner_source, PartnerForward, PartnerCache
 
 # %% auto #0
 __all__ = ['cskd_loss', 'CSKD', 'PartnerPassOnly']
@@ -37,12 +38,12 @@ def cskd_loss(
 # %% ../nbs/03_callback.ipynb #a959e6c0
 def _check_lam(lam):
     "A constant λ as a float, or a schedule (a callable of `pct_train`) checked at a few points"
-    if not callable(lam): return _check_number('lam', lam)
+    if not callable(lam): return check_number('lam', lam)
     for pct in (0., 0.5, 1.):
         try: v = lam(pct)
         except Exception as e: raise ValueError(f"`lam` is callable but `lam({pct})` failed: {e!r}. A schedule takes "
                                                  "the fraction of training done (`pct_train`, 0 to 1).") from None
-        _check_number(f'lam({pct})', v)
+        check_number(f'lam({pct})', v)
     return lam
 
 # %% ../nbs/03_callback.ipynb #2dafaf84
@@ -50,8 +51,10 @@ class _CSKDColumn(Callback):
     "Names `CSKD`'s `kd_loss` column: after `Recorder` sets the column names, before the loggers print them"
     order = Recorder.order+1
     def before_fit(self):
-        names,at = self.recorder.metric_names,-1 if self.recorder.add_time else None
-        self.learn.recorder.metric_names = names[:at] + ['kd_loss'] + (names[at:] if at else [])
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return                                   # no recorder, no table: nothing to name
+        names,at = rec.metric_names,-1 if rec.add_time else None
+        rec.metric_names = names[:at] + ['kd_loss'] + (names[at:] if at else [])
 
 # %% ../nbs/03_callback.ipynb #25ed3ce6
 class CSKD(Callback):
@@ -62,38 +65,56 @@ class CSKD(Callback):
         T:float=4., # Softmax temperature (> 0)
         partner='forward', # 'forward' (load partners and run them through the model: the paper), 'cache', or a partner source
         cache_mb:float|None=None, # With `partner='cache'`: the cache's memory budget in MiB (1,024 if None)
-        partner_mode:str|None=None, # Deprecated: use `partner=PartnerForward(train=False)` for 'eval'
     ):
-        self.lam,self.T = _check_lam(lam),_check_number('T', T, strict=True)
-        if partner_mode is not None:
-            if partner_mode not in ('train', 'eval'): raise ValueError(f"`partner_mode` must be 'train' or 'eval', got {partner_mode!r}.")
-            if partner != 'forward': raise ValueError("`partner_mode` applies to `partner='forward'` only.")
-            warnings.warn("`CSKD(partner_mode=...)` is deprecated and will be removed in the next release: use "
-                          "`CSKD(partner=PartnerForward(train=False))` for 'eval'.", DeprecationWarning, stacklevel=2)
-            partner = PartnerForward(train=partner_mode == 'train')
-        self.source,self.kd_value,self._column = partner_source(partner, cache_mb),None,_CSKDColumn()
+        self.lam,self.T = _check_lam(lam),check_number('T', T, strict=True)
+        self.source,self.kd_value,self._index = partner_source(partner, cache_mb),None,None
+
+    def __repr__(self):
+        lam = f"{self.lam:g}" if not callable(self.lam) else getattr(self.lam, '__name__', type(self.lam).__name__)
+        return f"{type(self).__name__}(lam={lam}, T={self.T:g}, partner={self.source!r})"
 
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, learn):
-        "Attached to a learner (`add_cb`) or detached (`remove_cb`): the `kd_loss` column goes with it"
+        "Attached (`add_cb`) to one learner, as its only `CSKD`; it gets the `kd_loss` column's companion. Detached (`remove_cb`)"
         old = self.learn
-        if old is not None and old is not learn and self._column in old.cbs: old.remove_cb(self._column)
+        if learn is not None and old is not None and old is not learn and self in old.cbs:
+            raise ValueError(f"This {self!r} is already a callback of another Learner, and a fastai callback serves one learner "
+                             "(it keeps `self.learn`): give each learner its own `CSKD(...)`, or take it off the other one first "
+                             "(`other_learn.remove_cb(cb)`).")
+        other = None if learn is None else next((c for c in learn.cbs if isinstance(c, CSKD) and c is not self), None)
+        if other is not None:
+            raise ValueError(f"One CS-KD per learner: this learner already has {other!r}, and a second one, {self!r}, was added "
+                             "(`fit(cbs=CSKD())` on a learner built with `cbs=CSKD()`, or two in `cbs`). Keep one; "
+                             "`learn.remove_cb(CSKD)` takes the learner's off.")
         self.__dict__['_learn'] = learn
-        if learn is not None and self._column not in learn.cbs: learn.add_cb(self._column)
+        if learn is not None and not any(isinstance(c, _CSKDColumn) for c in learn.cbs): learn.add_cb(_CSKDColumn())
+        if learn is None and old is not None and not any(isinstance(c, CSKD) and c is not self for c in old.cbs):
+            old.remove_cbs([c for c in old.cbs if isinstance(c, _CSKDColumn)])
 
     @property
     def lam_now(self) -> float:
         "λ at this point of training: `lam`, or the schedule's value at `learn.pct_train`"
         return float(self.lam(self.pct_train)) if callable(self.lam) else self.lam
 
+    def before_fit(self):
+        "Warn of a tracker monitoring `kd_loss`; the class index is read in this fit"
+        for c in self.learn.cbs:
+            if isinstance(c, TrackerCallback) and c.monitor == 'kd_loss':
+                warnings.warn(f"`{type(c).__name__}` monitors `kd_loss`, CS-KD's training term, not a measure of the model: "
+                              "it is smallest where all predictions are alike (as at the start of training) and grows with λ "
+                              "(e.g. a λ schedule). Monitor `valid_loss` or a metric instead.", stacklevel=2)
+        self._index = None
+
     def before_epoch(self): self.kd_value,self._trained = None,False
 
     def before_train(self):
-        "Train on the partner source's loader (over the plain loader: `DistributedTrainer` shards it afterwards)"
+        "Train on the partner source's loader over the plain loader (`DistributedTrainer` shards it afterwards), by this fit's class index"
         self._train_dl = self.dl
-        self._wrapped = self.source.loader(self.dl.dl if _is_distributed_dl(self.dl) else self.dl)
+        dl = self.dl.dl if _is_distributed_dl(self.dl) else self.dl
+        if self._index is None: self._index = dl.index if isinstance(dl, (PairedDL, IndexedDL)) else class_index(dl)
+        self._wrapped = self.source.loader(dl, self._index)
         self.learn.dl = self._wrapped
         self._kd_sum,self._kd_n,self._trained = 0.,0,True
 
@@ -102,16 +123,28 @@ class CSKD(Callback):
         self.source.split(self.learn)
         if self.lam_now > 0: self.source.prepare(self.learn)
 
+    def _logits(self):
+        "The anchors' logits: `learn.pred`, or the logits in it (see `PartnerForward.logits_of`) when it is not a tensor"
+        pred = self.pred
+        if not isinstance(pred, torch.Tensor):
+            of = getattr(self.source, 'logits_of', None)
+            pred = of(pred) if of is not None else pred[0] if isinstance(pred, (tuple, list)) else pred
+        if not isinstance(pred, torch.Tensor) or pred.ndim != 2:
+            raise ValueError("CS-KD needs the model's logits as a (batch, classes) tensor, or a tuple or list whose first element "
+                             f"is one; got {type(pred).__name__} of shape {tuple(getattr(pred, 'shape', ()))}. For logits elsewhere "
+                             "in the output, pass `CSKD(partner=PartnerForward(get_logits=...))`.")
+        return pred
+
     def after_loss(self):
         "Add `lam * T**2 * KL(partner || anchor)` to the loss"
-        pred = self.pred
-        if not isinstance(pred, torch.Tensor) or pred.ndim != 2:
-            raise ValueError("CS-KD needs the model to return a (batch, classes) tensor of logits; got "
-                             f"{type(pred).__name__} of shape {tuple(getattr(pred, 'shape', ()))}.")
-        lam = self.lam_now
+        pred,lam = self._logits(),self.lam_now
         if lam == 0: kd = pred.new_zeros((), dtype=torch.float32)
         else:
             target,mask = self.source.targets(self.learn)
+            if target.shape != pred.shape:
+                raise ValueError(f"The partners' logits have shape {tuple(target.shape)}, the anchors' {tuple(pred.shape)}: the "
+                                 "partner forward took other values from the model's output than the loss; pass "
+                                 "`CSKD(partner=PartnerForward(get_logits=...))`, a function of the output that returns the logits.")
             kd = lam * cskd_loss(pred, target, self.T, mask)
         self.source.update(self.learn)
         self.learn.loss_grad = self.loss_grad + kd
@@ -141,10 +174,7 @@ class CSKD(Callback):
         rec = getattr(self.learn, 'recorder', None)
         if self._trained and rec is not None and hasattr(rec, 'log'): rec.log.append(self.kd_value)
 
-    def clear_cache(self):
-        "Deprecated: `learn.cskd.source.clear()`"
-        warnings.warn("`CSKD.clear_cache()` is deprecated: use `learn.cskd.source.clear()`.", DeprecationWarning, stacklevel=2)
-        if isinstance(self.source, PartnerCache): self.source.clear()
+    def after_fit(self): self._index = None
 
 # %% ../nbs/03_callback.ipynb #f094a851
 class PartnerPassOnly(CSKD):
@@ -157,3 +187,5 @@ class PartnerPassOnly(CSKD):
         "Take the partners off the batch and run their forward, as `CSKD` does, whatever λ"
         self.source.split(self.learn)
         self.source.prepare(self.learn)
+
+    def __repr__(self): return f"{type(self).__name__}(partner={self.source!r})"

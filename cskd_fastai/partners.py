@@ -6,20 +6,27 @@ Docs: https://cskd-fastai.readthedocs.io/partners.html.md"""
 
 # %% ../nbs/02_partners.ipynb #496d7eb4
 from __future__ import annotations
-import math
+import math, weakref
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from fastai.torch_core import find_bs, num_distrib
-from .data import PairedDL, IndexedDL, split_pairs
+from fastai.torch_core import find_bs, num_distrib, to_half
+from fastai.callback.fp16 import NonNativeMixedPrecision
+from .data import ClassIndex, PairedDL, IndexedDL, split_pairs
 
 # %% auto #0
-__all__ = ['PartnerForward', 'PartnerCache', 'partner_source']
+__all__ = ['check_number', 'PartnerForward', 'PartnerCache', 'partner_source']
 
 # %% ../nbs/02_partners.ipynb #a59df46b
-def _check_number(name, v, min=0., strict=False):
+def check_number(
+    name:str, # The argument's name, for the error message
+    v, # The value: a Python number or a one-element tensor
+    min:float=0., # The smallest value allowed
+    strict:bool=False, # Refuse `min` itself
+) -> float:
     "`v` as a float, or a `ValueError` naming `name` when it is not a finite number `>= min` (`> min` if `strict`)"
     if isinstance(v, bool) or not (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
         raise ValueError(f"`{name}` must be a number, got {v!r}.")
@@ -59,18 +66,41 @@ def _autocast_like(learn):
     if ac is None or not getattr(ac, '_enabled', False): return nullcontext()
     return torch.autocast(ac.device, dtype=ac.fast_dtype)
 
+@contextmanager
+def _kept_state(model):
+    "What a forward reassigns on `model`'s stateful modules (those with `reset`, e.g. `AWD_LSTM.hidden`), put back after"
+    saved = [(m, {k:v for k,v in vars(m).items() if not k.startswith('_') and k != 'training'})
+             for m in model.modules() if callable(getattr(m, 'reset', None))]
+    try: yield
+    finally:
+        for m,d in saved: m.__dict__.update(d)
+
+def _first(out):
+    "The logits in a model's output: the output, or its first element if it is a tuple or list (fastai's convention)"
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+def _non_native_fp16(learn):
+    "Whether `learn` trains with `to_non_native_fp16()`, which casts the anchors to half precision"
+    return any(isinstance(c, NonNativeMixedPrecision) for c in learn.cbs)
+
 # %% ../nbs/02_partners.ipynb #ab4d54c3
 class PartnerForward:
     "Partner logits the paper's way: each anchor's partner is loaded with it and run through the model without gradient"
     def __init__(self,
         train:bool=True, # Run the partner forward in training mode (the paper) or in eval mode
         bn_stats:bool=True, # In training mode, let the partners update BatchNorm's running statistics (the paper's code)
-    ): self.train,self.bn_stats,self.xb,self.logits = train,bn_stats,None,None
+        get_logits:callable|None=None, # The logits in the model's output; None: the output, or its first element if it is a tuple or list
+    ): self.train,self.bn_stats,self.get_logits,self.xb,self.logits = train,bn_stats,get_logits,None,None
 
-    def loader(self, dl):
-        "A `PairedDL` over `dl` (`dl` itself if it is one)"
+    def loader(self, dl, index:ClassIndex|None=None):
+        "A `PairedDL` over `dl` pairing by `index` (`dl` itself if it is a `PairedDL` with that index)"
         self.xb = self.logits = None
-        return dl if isinstance(dl, PairedDL) else PairedDL(dl)
+        if isinstance(dl, PairedDL) and index in (None, dl.index): return dl
+        return PairedDL(dl, index=index)
+
+    def logits_of(self, out):
+        "The logits in model output `out`: `get_logits(out)`, or `out`, or its first element if it is a tuple or list"
+        return _first(out) if self.get_logits is None else self.get_logits(out)
 
     def split(self, learn):
         "Anchors stay in `learn.xb`/`learn.yb`; the partner inputs are put aside"
@@ -80,11 +110,17 @@ class PartnerForward:
             learn.dl.i -= find_bs(learn.yb)                  # fastai's `DistributedDL` counts anchors only
 
     def prepare(self, learn):
-        "Run the partners through the model without gradient, before the anchors' forward"
-        xb,self.xb = self.xb,None
-        mode = (nullcontext() if self.bn_stats else _still_bn_stats(learn.model)) if self.train else _all_eval(learn.model)
-        with torch.no_grad(), _autocast_like(learn), mode:
-            self.logits = _unwrap_ddp(learn.model)(*map(_plain, xb)).detach()
+        "Run the partners through the model without gradient, before the anchors' forward; stateful modules are put back"
+        xb,self.xb = tuple(map(_plain, self.xb)),None
+        if _non_native_fp16(learn): xb = to_half(xb)
+        model = _unwrap_ddp(learn.model)
+        mode = (nullcontext() if self.bn_stats else _still_bn_stats(model)) if self.train else _all_eval(model)
+        with torch.no_grad(), _autocast_like(learn), mode, _kept_state(model): out = model(*xb)
+        logits = self.logits_of(out)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"The partners' logits must be a tensor, got {type(logits).__name__} from the model's output: "
+                             "pass `CSKD(partner=PartnerForward(get_logits=...))`, a function of the output that returns them.")
+        self.logits = logits.detach()
 
     def targets(self, learn):
         "The partners' logits (all anchors have one)"
@@ -93,7 +129,9 @@ class PartnerForward:
         return logits, None
 
     def update(self, learn): self.xb = self.logits = None
-    def __repr__(self): return f"{type(self).__name__}(train={self.train}, bn_stats={self.bn_stats})"
+    def __repr__(self):
+        gl = '' if self.get_logits is None else f", get_logits={getattr(self.get_logits, '__name__', self.get_logits)}"
+        return f"{type(self).__name__}(train={self.train}, bn_stats={self.bn_stats}{gl})"
 
 # %% ../nbs/02_partners.ipynb #d8071096
 def _all_gather_rows(t):
@@ -111,17 +149,17 @@ class PartnerCache:
     def __init__(self,
         max_mb:float=1024., # Refuse a table (items × classes × 2 bytes) larger than this many MiB
     ):
-        self.max_mb = _check_number('max_mb', max_mb, strict=True)
+        self.max_mb = check_number('max_mb', max_mb, strict=True)
         self.index,self.pos,self.partner_idx = None,None,None
         self.clear()
 
     def clear(self):
-        "Drop the table (it otherwise lives on between fits on the same training set)"
-        self.cache,self.seen,self._lookup = None,None,None
+        "Drop the table (it otherwise lives on between fits of the same learner and model on the same labels)"
+        self.cache,self.seen,self._lookup,self._owner = None,None,None,None
 
     def __getstate__(self):
         "Pickle (`learn.export`) without the table"
-        return {**self.__dict__, 'cache': None, 'seen': None, '_lookup': None, 'pos': None, 'partner_idx': None}
+        return {**self.__dict__, 'cache': None, 'seen': None, '_lookup': None, '_owner': None, 'pos': None, 'partner_idx': None}
 
     def _check_size(self, n, k):
         mib = n*k*2/2**20
@@ -130,11 +168,11 @@ class PartnerCache:
                              f"`cache_mb={self.max_mb:g}`. Raise `cache_mb` (`CSKD(partner='cache', cache_mb=...)`), or use "
                              "`partner='forward'`, which needs no cache.")
 
-    def loader(self, dl):
-        "An `IndexedDL` over `dl`, after checking the table fits in `max_mb` (the table is kept if the training set is the same)"
-        idl = dl if isinstance(dl, IndexedDL) else IndexedDL(dl)
+    def loader(self, dl, index:ClassIndex|None=None):
+        "An `IndexedDL` over `dl` by `index`, after checking the table fits in `max_mb`; other labels start an empty table"
+        idl = dl if isinstance(dl, IndexedDL) and index in (None, dl.index) else IndexedDL(dl, index=index)
         self._check_size(len(idl.index), max(idl.index.n_classes, getattr(dl, 'c', 0) or 0))
-        if self.index is not idl.index: self.clear()
+        if self.index is None or not np.array_equal(self.index.labels, idl.index.labels): self.clear()
         self.index = idl.index
         return idl
 
@@ -146,8 +184,10 @@ class PartnerCache:
         if not len(yb): raise ValueError("CS-KD needs single-label class targets; this batch has none.")
         learn.yb = tuple(yb)
 
-    def _table(self, like):
-        "The table (allocated on first use, on the device of `like`) and the class index as device tensors"
+    def _table(self, learn):
+        "The table of `learn`'s model (allocated on first use, on the logits' device) and the class index as device tensors"
+        like,model = _first(learn.pred),_unwrap_ddp(learn.model)
+        if self._owner is not None and (self._owner[0]() is not learn or self._owner[1]() is not model): self.clear()
         n,k = len(self.index),like.shape[1]
         if self.cache is None or self.cache.shape[1] != k or self.cache.device != like.device:
             self._check_size(n, k)
@@ -155,20 +195,22 @@ class PartnerCache:
             self.seen = torch.zeros(n, dtype=torch.bool, device=like.device)
             ix = self.index
             self._lookup = [torch.as_tensor(o, device=like.device) for o in (ix.labels, ix.order, ix.starts, ix.counts)]
+            self._owner = weakref.ref(learn),weakref.ref(model)
         return self._lookup
 
     def targets(self, learn):
         "Cached logits of one partner per anchor, drawn uniformly from its class, and whether each was cached yet"
-        labels,order,starts,counts = self._table(learn.pred)
-        cls = labels[self.pos.to(learn.pred.device)]
+        labels,order,starts,counts = self._table(learn)
+        cls = labels[self.pos.to(labels.device)]
         off = (torch.rand(len(cls), device=cls.device)*counts[cls]).long().clamp_max(counts[cls]-1)
         self.partner_idx = order[starts[cls] + off]
         return self.cache[self.partner_idx].float(), self.seen[self.partner_idx]
 
     def update(self, learn):
         "Store the anchors' logits (of every process) at their positions"
-        self._table(learn.pred)
-        pos,logits = self.pos.to(learn.pred.device),learn.pred.detach().float()
+        self._table(learn)
+        logits = _first(learn.pred).detach().float()
+        pos = self.pos.to(logits.device)
         if num_distrib() > 1: pos,logits = _all_gather_rows(pos),_all_gather_rows(logits)
         self.cache.index_copy_(0, pos, logits.clamp(-6e4, 6e4).half())
         self.seen.index_fill_(0, pos, True)
@@ -181,7 +223,7 @@ def partner_source(partner='forward', cache_mb:float|None=None):
     if cache_mb is not None and partner != 'cache':
         raise ValueError(f"`cache_mb` applies to `partner='cache'` only, got partner={partner!r}.")
     if partner == 'forward': return PartnerForward()
-    if partner == 'cache': return PartnerCache(1024. if cache_mb is None else _check_number('cache_mb', cache_mb, strict=True))
+    if partner == 'cache': return PartnerCache(1024. if cache_mb is None else check_number('cache_mb', cache_mb, strict=True))
     if all(hasattr(partner, m) for m in ('loader', 'split', 'prepare', 'targets', 'update')): return partner
     raise ValueError(f"`partner` must be 'forward', 'cache' or a partner source (an object with `loader`, `split`, "
                      f"`prepare`, `targets` and `update`), got {partner!r}.")

@@ -7,7 +7,7 @@ from fastai.vision.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
-from conftest import digits_block, CountForwards, cnn_learner, fit_ok as _fit_ok
+from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, fit_ok as _fit_ok
 
 
 class KDPerBatch(Callback):
@@ -59,6 +59,38 @@ def test_fine_tune_keeps_the_cache_between_fits(small_dls):
     learn.fit(1)
     assert learn.cskd.source.cache is cache                                  # same training set: the cache carries over
     assert kd.kd[0] > 0                                               # so the second fit's first step has KD targets
+
+
+@pytest.mark.parametrize('how', ['new_model', 'new_learner'])
+def test_another_model_starts_an_empty_cache(small_dls, how):
+    "A table filled by one model is never another's targets: a new model, or the callback moved to a new learner, starts empty"
+    cb = CSKD(partner='cache')
+    learn = cnn_learner(small_dls, cbs=cb)
+    learn.fit(2)
+    assert bool(cb.source.seen.all())
+    if how == 'new_model': learn.model = tiny_cnn()
+    else:
+        learn.remove_cb(cb)
+        learn = cnn_learner(small_dls, cbs=cb)
+    chk = IndependentCache()                                          # its own table starts empty: expects KD 0 at first
+    learn.fit(1, cbs=chk)
+    assert chk.steps == len(small_dls.train) and chk.cached_partners > 0
+    assert int(cb.source.seen.sum()) == len(small_dls.train)*small_dls.train.bs
+
+
+def test_relabelled_training_set_starts_a_new_cache(digits_path):
+    fs = sorted(get_image_files(digits_path/'train'))[:320] + sorted(get_image_files(digits_path/'valid'))[:100]
+    lab = {f: f.parent.name for f in fs}
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=lambda f: lab[f], splitter=GrandparentSplitter(valid_name='valid'),
+                    item_tfms=Resize(16)).dataloaders(fs, bs=32, num_workers=0)
+    learn = cnn_learner(dls, cbs=CSKD(partner='cache'))
+    learn.fit(1)
+    trn = [f for f in fs if f.parent.parent.name == 'train']
+    lab.update(zip(trn, np.random.default_rng(0).permutation([lab[f] for f in trn])))
+    labels = [int(dls.train_ds.tls[1][i]) for i in range(len(dls.train_ds))]   # the new labels, read item by item
+    chk = IndependentCache(labels)
+    learn.fit(1, cbs=chk)                                             # same items, same model, other labels: a new table
+    assert chk.steps == len(dls.train)
 
 
 def test_new_training_set_starts_a_new_cache(small_dls, digits_path):
@@ -117,22 +149,23 @@ def test_export_leaves_the_cache_out(small_dls, tmp_path):
 
 def test_bad_options():
     with pytest.raises(ValueError, match='`partner`'): CSKD(partner='Cache')
-    with pytest.raises(ValueError, match='partner_mode'): CSKD(partner='cache', partner_mode='eval')
     with pytest.raises(ValueError, match='cache_mb'): CSKD(partner='cache', cache_mb=-1)
 
 
 class IndependentCache(Callback):
     """Keeps its own table of each item's last anchor logits (fp16, as the cache stores them) and checks, at every
     step, every drawn partner: cached exactly when it was an anchor before, and the loss = CE + λT²·KL against the
-    logits stored here"""
+    logits stored here. `labels`: every training item's label, read here (the anchors' must match the batch's);
+    otherwise the callback's class index is used"""
     order, run_valid = CSKD.order + 1, False
-    def __init__(self): self.table, self.steps, self.cached_partners = {}, 0, 0
+    def __init__(self, labels=None): self.table, self.steps, self.cached_partners, self.labels = {}, 0, 0, labels
     def after_loss(self):
         src, T, lam = self.learn.cskd.source, self.learn.cskd.T, self.learn.cskd.lam
         a, y = self.pred.detach().float(), self.yb[0]
         pos, partners = src.pos.tolist(), src.partner_idx.tolist()
-        labels = src.index.labels
-        assert all(labels[p] == labels[q] for p, q in zip(pos, partners))
+        labels = src.index.labels if self.labels is None else self.labels
+        if self.labels is not None: assert [labels[p] for p in pos] == y.tolist(), "positions not the anchors'"
+        assert all(labels[p] == labels[q] for p, q in zip(pos, partners)), "a partner of another class"
         kl = torch.zeros(len(a))
         for i, p in enumerate(partners):
             if p in self.table:

@@ -10,6 +10,9 @@ from fastai.tabular.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
+from contextlib import nullcontext
+from fastai.text.all import AWD_LSTM, SequentialRNN, TextLearner, get_text_classifier, awd_lstm_clas_config
+import cskd_fastai.partners
 from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, FormulaCheck, fit_ok as _fit_ok
 
 
@@ -123,15 +126,10 @@ def test_eval_partner_mode_restores_modes_and_keeps_bn_stats(small_dls):
 
 @pytest.mark.parametrize('kw, name', [(dict(T=0), 'T'), (dict(T=-2), 'T'), (dict(T=float('nan')), 'T'),
                                       (dict(lam=-1), 'lam'), (dict(lam=float('inf')), 'lam'), (dict(lam=None), 'lam'),
-                                      (dict(T=True), 'T'), (dict(partner_mode='train_mode'), 'partner_mode'),
+                                      (dict(T=True), 'T'),
                                       (dict(lam=lambda p: 1/(p-0.5)**2), r'lam\(0\.5\)'), (dict(lam=lambda: 1), 'lam')])
 def test_bad_hyperparameters(kw, name):
     with pytest.raises(ValueError, match=f'`{name}'): CSKD(**kw)
-
-
-def test_partner_mode_is_deprecated_but_works():
-    with pytest.warns(DeprecationWarning, match='PartnerForward'): cb = CSKD(partner_mode='eval')
-    assert isinstance(cb.source, PartnerForward) and cb.source.train is False
 
 
 def _regression_dls(path):
@@ -399,3 +397,197 @@ def test_partner_forward_runs_before_the_anchor_forward(small_dls):
     train_calls = [g for g, t in calls if t]
     assert len(train_calls) == 2*len(small_dls.train)
     assert train_calls == [False, True]*len(small_dls.train)      # partners (no grad), then anchors (grad)
+
+
+# --- models whose output is not a bare tensor -------------------------------------------------------------
+
+class TupleNet(nn.Module):
+    "tiny_cnn returning `(logits, features)`, or `(features, logits)` with `logits_last`"
+    def __init__(self, n_out=10, logits_last=False):
+        super().__init__()
+        self.body, self.head, self.logits_last = nn.Sequential(*list(tiny_cnn(n_out).children())[:-1]), nn.Linear(16, n_out), logits_last
+    def forward(self, x):
+        h = self.body(x)
+        return (h, self.head(h)) if self.logits_last else (self.head(h), h)
+
+class KeepLogits(Callback):
+    "The loss and metrics see the logits (at index `i` of the model's output)"
+    def __init__(self, i=0): self.i = i
+    def after_pred(self): self.learn.pred = self.pred[self.i]
+
+
+def test_tuple_output_first_element_is_the_logits(small_dls):
+    "fastai's convention: the first element of a tuple output is the logits; the loss is the formula at every step"
+    learn = Learner(small_dls, TupleNet(), metrics=accuracy, cbs=[CSKD(lam=0.7, T=2.), KeepLogits(), FormulaCheck()])
+    _fit_ok(learn)
+    assert learn.formula_check.checked == len(small_dls.train)
+
+
+def test_tuple_output_without_after_pred(small_dls):
+    "No `after_pred` callback: the loss function takes the tuple, and CS-KD takes its first element on both sides"
+    learn = Learner(small_dls, TupleNet(), loss_func=lambda out, y: F.cross_entropy(out[0], y), cbs=[CSKD(), FormulaCheck()])
+    learn.fit(1)
+    assert learn.formula_check.checked == len(small_dls.train) and learn.recorder.values[-1][-1] > 0
+
+
+def test_get_logits_for_logits_elsewhere(small_dls):
+    "`PartnerForward(get_logits=...)`: a `(features, logits)` model trains with the logits on both sides"
+    get = lambda out: out[1]
+    learn = Learner(small_dls, TupleNet(logits_last=True), metrics=accuracy,
+                    cbs=[CSKD(partner=PartnerForward(get_logits=get)), KeepLogits(1), FormulaCheck(get_logits=get)])
+    _fit_ok(learn)
+    assert learn.formula_check.checked == len(small_dls.train)
+
+
+def test_logits_elsewhere_without_get_logits_is_a_clear_error(small_dls):
+    learn = Learner(small_dls, TupleNet(logits_last=True), cbs=[CSKD(), KeepLogits(1)])
+    with pytest.raises(ValueError, match=r'partners. logits have shape \(32, 16\), the anchors. \(32, 10\).*get_logits'): learn.fit(1)
+    class DictNet(TupleNet):
+        def forward(self, x): return dict(zip(('logits', 'features'), super().forward(x)))
+    learn = Learner(small_dls, DictNet(), cbs=[CSKD(), KeepLogits('logits')])
+    with pytest.raises(ValueError, match='must be a tensor, got dict.*get_logits'): learn.fit(1)
+    assert type(learn.dls.train) is TfmdDL and len(learn.metrics) == 0
+
+
+def _token_dls(n=192, sl=12, vocab=20, bs=16, seed=0):
+    "Token sequences (ids 2.. `vocab`-1, no padding) labelled by which third of the vocabulary their last token is in"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, vocab, (n + 48, sl), generator=g)
+    y = (x[:, -1] - 2)*3//(vocab - 2)
+    return DataLoaders.from_dsets(TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), bs=bs, device='cpu')
+
+
+def test_text_classifier_awd_lstm_loss_is_formula():
+    "fastai's AWD-LSTM text classifier (output `(logits, raw_outputs, outputs)`, RNN regularizers) with the default partner"
+    dls = _token_dls()
+    config = dict(awd_lstm_clas_config, emb_sz=16, n_hid=32, n_layers=2)
+    model = get_text_classifier(AWD_LSTM, 20, 3, seq_len=6, config=config)
+    learn = TextLearner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[CSKD(lam=0.5, T=2.), FormulaCheck()])
+    _fit_ok(learn, 2)
+    assert learn.formula_check.checked == 2*len(dls.train)
+
+
+class LastStep(nn.Module):
+    "Classify from the last time step of an RNN's output"
+    def __init__(self, n_in, n_out): super().__init__(); self.lin = nn.Linear(n_in, n_out)
+    def forward(self, out): return self.lin(out[:, -1])
+
+class AnchorsAsWithoutPartners(Callback):
+    """The anchors' output must be what the model gives them from the recurrent state the previous step left, as if no
+    partner pass had run: after the anchors' forward, their output is recomputed from that state (kept before `CSKD`'s
+    partner pass) with the random state the anchors' forward had (same dropout draws)"""
+    order, run_valid = CSKD.order - 1, False
+    def __init__(self): self.checked, self.moved = 0, 0
+    def before_fit(self):
+        self.rnn = self.learn.model[0]
+        self.hook = self.learn.model.register_forward_pre_hook(self._pre)
+    def after_fit(self): self.hook.remove()
+    def _pre(self, m, inp):
+        if self.training and torch.is_grad_enabled(): self.rng = torch.get_rng_state()    # the anchors' forward
+    def before_batch(self):
+        self.hidden, self.bs = [tuple(h.clone() for h in hc) for hc in self.rnn.hidden], self.rnn.bs
+    def after_pred(self):
+        live, live_bs, rng = self.rnn.hidden, self.rnn.bs, torch.get_rng_state()
+        try:
+            self.rnn.hidden, self.rnn.bs = self.hidden, self.bs
+            torch.set_rng_state(self.rng)
+            with torch.no_grad(): expected = self.learn.model(*self.xb)
+            new_state = self.rnn.hidden
+        finally: self.rnn.hidden, self.rnn.bs = live, live_bs; torch.set_rng_state(rng)
+        torch.testing.assert_close(self.pred.detach(), expected, rtol=1e-5, atol=1e-5)
+        self.moved += not all(torch.equal(a, b) for x, y in zip(self.hidden, new_state) for a, b in zip(x, y))
+        self.checked += 1
+
+
+def _stateful_rnn_learner(cbs):
+    "An AWD-LSTM that keeps its hidden state from batch to batch (as a language model does), with dropout, and a linear head"
+    rnn = AWD_LSTM(20, 16, 32, 2, hidden_p=0.2, input_p=0.2, embed_p=0.1, weight_p=0.2)
+    return Learner(_token_dls(), SequentialRNN(rnn, LastStep(16, 3)), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+
+
+def test_no_recurrent_state_from_the_partner_pass():
+    learn = _stateful_rnn_learner([CSKD(), AnchorsAsWithoutPartners(), FormulaCheck()])
+    learn.fit(1)
+    chk = learn.anchors_as_without_partners
+    assert chk.checked == len(learn.dls.train) and chk.moved == chk.checked    # the state does move from step to step
+    assert learn.formula_check.checked == chk.checked
+
+
+def test_the_recurrent_state_check_catches_a_leak(monkeypatch):
+    "Without putting the state back, the partner batch's final state reaches the anchors, and the check fails"
+    monkeypatch.setattr(cskd_fastai.partners, '_kept_state', lambda model: nullcontext())
+    learn = _stateful_rnn_learner([CSKD(), AnchorsAsWithoutPartners()])
+    with pytest.raises(AssertionError, match='not close'): learn.fit(1)
+
+
+# --- one CSKD, one learner; what a fit leaves ----------------------------------------------------------------
+
+def test_second_cskd_is_refused_naming_the_first(small_dls):
+    learn = cnn_learner(small_dls, cbs=CSKD(lam=0.5))
+    train_dl = learn.dls.train
+    with pytest.raises(ValueError, match=r'already has CSKD\(lam=0.5, T=4.*second one, CSKD\(lam=1, T=2'):
+        learn.fit(1, cbs=CSKD(T=2.))
+    assert learn.cskd.lam == 0.5 and sum(isinstance(c, CSKD) for c in learn.cbs) == 1 and learn.dls.train is train_dl
+    with pytest.raises(ValueError, match=r'already has PartnerPassOnly\(partner='): Learner(small_dls, tiny_cnn(), cbs=[PartnerPassOnly(), CSKD()])
+    with pytest.raises(ValueError, match=r'already has CSKD\(lam=1, T=4'): Learner(small_dls, tiny_cnn(), cbs=[CSKD(), CSKD(T=3.)])
+    learn.add_cb(FormulaCheck())
+    _fit_ok(learn)                                                  # the learner trains on with its own CSKD
+    assert learn.formula_check.checked == len(small_dls.train)
+
+
+def test_a_cskd_serves_one_learner(small_dls):
+    cb = CSKD()
+    l1 = cnn_learner(small_dls, cbs=cb)
+    with pytest.raises(ValueError, match='already a callback of another Learner'): cnn_learner(small_dls, cbs=cb)
+    assert cb.learn is l1
+    l1.remove_cb(cb)
+    assert not [c for c in l1.cbs if 'cskd' in type(c).__name__.lower()]
+    l2 = cnn_learner(small_dls, cbs=cb)                             # once taken off, it can go to another learner
+    _fit_ok(l2)
+    l1.fit(1, cbs=CSKD())
+    assert l1.recorder.metric_names.count('kd_loss') == 1 and l2.recorder.metric_names.count('kd_loss') == 1
+
+
+def test_learner_without_recorder(small_dls):
+    learn = cnn_learner(small_dls, cbs=[CSKD(), FormulaCheck()])
+    learn.remove_cbs([learn.recorder, learn.progress])              # fastai's progress bar needs the recorder
+    learn.fit(1)
+    assert learn.formula_check.checked == len(small_dls.train) and learn.cskd.kd_value > 0
+
+
+@pytest.mark.parametrize('tracker', [SaveModelCallback, EarlyStoppingCallback, ReduceLROnPlateau])
+def test_monitoring_kd_loss_warns(small_dls, tmp_path, tracker):
+    learn = cnn_learner(small_dls, cbs=CSKD(lam=SchedLin(0, 1)), path=tmp_path)
+    with pytest.warns(UserWarning, match=f'`{tracker.__name__}` monitors `kd_loss`, CS-KD.s training term'):
+        with learn.no_bar(): learn.fit(1, cbs=tracker(monitor='kd_loss'))
+    import warnings
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        with learn.no_bar(): learn.fit(1, cbs=tracker(monitor='valid_loss'))
+    assert not [w for w in ws if 'kd_loss' in str(w.message)]
+
+
+class CountIndexBuilds(Callback):
+    "How many `ClassIndex` objects pair the training batches of each fit"
+    order, run_valid = CSKD.order + 1, False
+    def before_fit(self): self.seen = []
+    def before_batch(self):
+        ix = self.learn.dl.index
+        if not any(ix is o for o in self.seen): self.seen.append(ix)
+
+
+def test_class_index_once_per_fit_and_relabelled_data_followed(digits_path):
+    "One class index per fit (not per epoch), read again in the next fit: partners follow labels changed between fits"
+    fs = sorted(get_image_files(digits_path/'train'))[:320] + sorted(get_image_files(digits_path/'valid'))[:100]
+    lab = {f: f.parent.name for f in fs}
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=lambda f: lab[f], splitter=GrandparentSplitter(valid_name='valid'),
+                    item_tfms=Resize(16)).dataloaders(fs, bs=32, num_workers=0)
+    count = CountIndexBuilds()
+    learn = cnn_learner(dls, cbs=[CSKD(), RecordPairs(), count])
+    learn.fit(2)
+    assert len(count.seen) == 1 and learn.cskd._index is None      # built once for both epochs, gone after the fit
+    trn = [f for f in fs if f.parent.parent.name == 'train']
+    new = np.random.default_rng(0).permutation([lab[f] for f in trn])
+    lab.update(zip(trn, new))                                       # the same items, other labels, same vocabulary
+    learn.fit(1)                                                    # RecordPairs checks each partner against the new labels
+    assert len(count.seen) == 1 and learn.record_pairs.n_batches == len(dls.train)
