@@ -591,3 +591,26 @@ def test_class_index_once_per_fit_and_relabelled_data_followed(digits_path):
     lab.update(zip(trn, new))                                       # the same items, other labels, same vocabulary
     learn.fit(1)                                                    # RecordPairs checks each partner against the new labels
     assert len(count.seen) == 1 and learn.record_pairs.n_batches == len(dls.train)
+
+
+def test_partners_in_half_precision_under_non_native_fp16():
+    """`to_non_native_fp16()` casts the anchors to half precision after `CSKD` split off the partners; the partner forward
+    casts its inputs too (a fit with it needs a GPU: tests/test_gpu.py)"""
+    from fastai.callback.fp16 import NonNativeMixedPrecision
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g); y = (x[:, 0] > 0).long()
+    dls = DataLoaders.from_dsets(TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:]), bs=16, device='cpu')
+    for fp16 in (False, True):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+        learn = Learner(dls, model.half() if fp16 else model, loss_func=nn.CrossEntropyLoss(), cbs=CSKD())
+        if fp16: learn.add_cb(NonNativeMixedPrecision())
+        pdl = PairedDL(dls.train)
+        xb, yb = pdl.one_batch()
+        learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
+        src, seen = learn.cskd.source, []
+        h = model.register_forward_pre_hook(lambda m, i: seen.append(i[0].dtype))
+        try: src.split(learn); src.prepare(learn)
+        finally: h.remove()
+        dtype = torch.float16 if fp16 else torch.float32
+        assert seen == [dtype] and src.logits.dtype == dtype
+        with torch.no_grad(): torch.testing.assert_close(src.logits, model(xb[16:].to(dtype)))
