@@ -6,8 +6,8 @@ large item sources, without loading any input. Prints the figures; nothing is as
 
 Sources timed: a DataFrame read by `ColReader` (what `ImageDataLoaders.from_df`, `from_csv`, a `DataBlock`
 with `ColReader` and `TextDataLoaders.from_df` build), a list of `(path, label)` tuples read by `ItemGetter`
-(`from_lists`, a `DataBlock` over tuples), and, for comparison, label functions that take the row-by-row path
-(a lambda on DataFrame rows, `parent_label` on paths), timed on a sample and scaled to the full size.
+(`from_lists`, a `DataBlock` over tuples), and label functions that must run on each item (a lambda on
+DataFrame rows, `parent_label` on paths: `from_folder`), timed on `--sample` items and scaled to `--rows`.
 Each figure is the best of `--repeat` runs, as wall time and as this process's CPU time (the
 second is what to compare on a busy machine). The fastai `Datasets` are built with a given vocabulary: fastai's own
 `Categorize` setup walks every row once, which is not what is measured here.
@@ -69,12 +69,12 @@ def main():
         ds = Datasets(sub, [[ColReader('fname')], [lambda r: r['label'], Categorize(vocab=vocab)]])
         t, c, labels = best_of(lambda: item_labels(ds), a.repeat)
         assert (labels == expected[:m]).all()
-        print(f"  DataFrame, a lambda on each row:      {t/m*1e6:6.1f} us/item (CPU {c/m*1e6:6.1f}), {c/m*n:6.1f} CPU s for {n:,} (row by row)")
+        print(f"  DataFrame, a lambda on each row:      {t/m*1e6:6.1f} us/item (CPU {c/m*1e6:6.1f}), {c/m*n:6.1f} CPU s for {n:,} (get_y on each item)")
 
         paths = [Path(o) for o in sub.fname]
         ds = Datasets(paths, [[lambda o: o], [parent_label, Categorize(vocab=vocab)]])
         t, c, labels = best_of(lambda: item_labels(ds), a.repeat)
         assert (labels == expected[:m]).all()
-        print(f"  paths, parent_label:                  {t/m*1e6:6.1f} us/item (CPU {c/m*1e6:6.1f}), {c/m*n:6.1f} CPU s for {n:,} (row by row)")
+        print(f"  paths, parent_label:                  {t/m*1e6:6.1f} us/item (CPU {c/m*1e6:6.1f}), {c/m*n:6.1f} CPU s for {n:,} (get_y on each item)")
 
 if __name__ == '__main__': main()

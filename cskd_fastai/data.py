@@ -57,6 +57,7 @@ def label_array(labels) -> np.ndarray:
 # %% ../nbs/00_data.ipynb #a724954b
 def _field_values(items, f):
     "What `f`, the first step of a target pipeline, reads from each of `items`, read at once when it reads one field; None otherwise"
+    if getattr(f, 'split_idx', None) is not None: return None     # a step for one split only: not a plain read
     if isinstance(items, pd.DataFrame):
         if not (isinstance(f, ColReader) and len(f.cols) == 1): return None
         c = f.cols[0]
@@ -166,11 +167,14 @@ class ClassIndex:
 
 # %% ../nbs/00_data.ipynb #0e459711
 def _class_names(dl, cs):
-    "Names of classes `cs` in `dl`'s vocabulary, or their numbers"
-    try: vocab = getattr(dl, 'vocab', None)
-    except Exception: vocab = None
-    try: return [repr(str(vocab[c])) for c in cs]
-    except Exception: return [str(c) for c in cs]
+    "Names of classes `cs` in the vocabulary of `dl`'s targets, or their numbers"
+    try:
+        ds = dl.dataset
+        vocab = ds.tls[getattr(dl, 'n_inp', 1)].vocab if isinstance(ds, Datasets) else dl.vocab
+        names = [vocab[c] for c in cs]
+        if all(isinstance(o, (str, int, np.integer)) for o in names): return [repr(str(o)) for o in names]
+    except Exception: pass
+    return [str(c) for c in cs]
 
 def class_index(dl, labels=None) -> ClassIndex:
     "A `ClassIndex` of the items of `dl.dataset`, read now (nothing is cached), or of `labels` if given"

@@ -284,6 +284,19 @@ def test_single_item_class_warns_once_per_fit(digits_path, digits_df, partner):
     assert len(single_item_warnings(lambda: learn.fit(1, 1e-3))) == 1   # the next fit warns again, once
 
 
+def test_single_item_warning_names_text_and_table_classes():
+    rng = np.random.default_rng(3)
+    ys = ['pos', 'neg']*20 + ['rare']
+    df = pd.DataFrame({'text': [' '.join(rng.choice(['good', 'bad'], 4)) for _ in ys], 'label': ys})
+    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_pct=0., bs=8, seq_len=8)
+    w = single_item_warnings(lambda: class_index(dls.train))
+    assert len(w) == 1 and "'rare'" in w[0] and "'pos'" not in w[0], w
+    tab = pd.DataFrame({'a': rng.normal(size=41), 'y': ys})
+    dls = TabularDataLoaders.from_df(tab, y_names='y', cont_names=['a'], procs=[Normalize], valid_idx=[0, 1], bs=8)
+    w = single_item_warnings(lambda: class_index(dls.train))
+    assert len(w) == 1 and "'rare'" in w[0] and "'pos'" not in w[0], w
+
+
 def test_no_warning_without_single_item_classes(small_dls):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
