@@ -61,14 +61,15 @@ class PairCheck(Callback):
     loss, the loss to backpropagate must be the anchors' loss + λ T² KL, with the partners run again through the model
     as it was before the partner pass (same weights, buffers and random draws; the model's own buffers are left untouched)"""
     order, run_valid = CSKD.order-1, False
-    def __init__(self, tol=1e-4): self.tol, self.steps, self.kd = tol, 0, []
+    def __init__(self, tol=1e-4, get_logits=None): self.tol, self.steps, self.kd, self.get_logits = tol, 0, [], get_logits or _logits
     def _model(self): return getattr(self.learn.model, 'module', self.learn.model)
     def before_batch(self):
         ys = [_plain(y) for y in self.learn.yb]
         n = len(ys[0])//2
         assert len(ys[0]) == 2*n and n > 0, f"expected a paired batch, got {len(ys[0])} rows"
-        bad = (ys[0][:n] != ys[0][n:]).nonzero().flatten().tolist()
-        assert not bad, f"anchor and partner labels differ at rows {bad[:5]}: {ys[0][:n][bad[:5]].tolist()} vs {ys[0][n:][bad[:5]].tolist()}"
+        y0 = ys[0].reshape(len(ys[0]), -1)              # (bs,) or (bs, 1) (tabular)
+        bad = (y0[:n] != y0[n:]).any(1).nonzero().flatten().tolist()
+        assert not bad, f"anchor and partner labels differ at rows {bad[:5]}: {y0[:n][bad[:5]].flatten().tolist()} vs {y0[n:][bad[:5]].flatten().tolist()}"
         self.xall, self.yall = [_plain(x).clone() for x in self.learn.xb], [y.clone() for y in ys]
         self.bufs = [(m, k, b.clone()) for m in self._model().modules() for k, b in m._buffers.items() if b is not None]
         self.rng = torch.get_rng_state()
@@ -80,7 +81,7 @@ class PairCheck(Callback):
             for mm, k, b in self.bufs: mm._buffers[k] = b.clone()
             if not train: m.eval()
             torch.set_rng_state(self.rng)
-            with torch.no_grad(): return _logits(m(*[x[n:] for x in self.xall])).float()
+            with torch.no_grad(): return self.get_logits(m(*[x[n:] for x in self.xall])).float()
         finally:
             for mm, k, b in orig: mm._buffers[k] = b
             for mm, t in modes: mm.training = t
@@ -115,7 +116,7 @@ class CacheCheck(Callback):
     def before_batch(self):
         *ys, pos = [_plain(y) for y in self.learn.yb]
         lab = self.labels[pos]
-        assert torch.equal(ys[0].cpu(), lab), "the positions appended to the batch are not the anchors'"
+        assert torch.equal(ys[0].cpu().reshape(-1), lab), "the positions appended to the batch are not the anchors'"
         self.pos, self.y = pos.clone(), ys[0].clone()
     def before_backward(self):
         cb, pred = self.learn.cskd, _plain(self.learn.pred.detach()).float()
@@ -320,6 +321,67 @@ def _tuple_model(data):
     return _note(fit_checked(learn))
 
 
+class FeaturesFirstNet(TupleNet):
+    "A CNN that returns `(features, logits)`"
+    def forward(self, x): return super().forward(x)[::-1]
+
+class KeepSecond(Callback):
+    "The second element of the model's output is what the loss and metrics see"
+    def after_pred(self): self.learn.pred = self.pred[1]
+
+def second(out): return out[1]
+
+def _logits_elsewhere(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, FeaturesFirstNet(dls.c), cbs=[CSKD(partner=PartnerForward(get_logits=second)), KeepSecond()])
+    return _note(fit_checked(learn, chk=PairCheck(get_logits=second)))
+
+def _logits_elsewhere_no_option(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, FeaturesFirstNet(dls.c), cbs=[CSKD(), KeepSecond()])
+    def go():
+        with learn.no_bar(): learn.fit(1)
+    return _raises_clearly(go, r'get_logits')
+
+class StatefulNet(nn.Module):
+    "A CNN whose output also depends on the features of its previous call, as an RNN's on its hidden state; `reset()` forgets them"
+    def __init__(self, n_out=10):
+        super().__init__()
+        self.body = nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1), Flatten())
+        self.head, self.h = nn.Linear(16, n_out), None
+    def reset(self): self.h = None
+    def forward(self, x):
+        f = self.body(x)
+        out = self.head(f if self.h is None else f + self.h)
+        self.h = f.detach().mean(0)
+        return out
+
+class StateCheck(PairCheck):
+    "`PairCheck` for `StatefulNet`; also, the anchors' logits must be those of the model as it was before the partner pass"
+    def before_batch(self):
+        super().before_batch()
+        self.copies = deepcopy(self._model()), deepcopy(self._model())
+    def _partner_logits(self, train):
+        n = len(self.yall[0])//2
+        with torch.no_grad(): return _logits(self.copies[0](*[x[n:] for x in self.xall])).float()
+    def before_backward(self):
+        n = len(self.yall[0])//2
+        with torch.no_grad(): anchors = self.copies[1](*[x[:n] for x in self.xall]).float()
+        torch.testing.assert_close(_plain(self.learn.pred.detach()).float(), anchors, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"the anchors' logits are not those of the model before the partner pass: {m}")
+        super().before_backward()
+
+def _stateful_model(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, StatefulNet(dls.c), cbs=CSKD())
+    return _note(fit_checked(learn, chk=StateCheck()))
+
+def _paired_dls_from_df(data):
+    dls = paired_dls(image_dls(data, 'from_df'))
+    learn = Learner(dls, tiny_cnn(dls.c), cbs=CSKD())
+    return _note(fit_checked(learn))
+
+
 def _raises_clearly(f, *words):
     "Run `f`; it must raise, with a message that has each of `words` (regexes, case-insensitive); return the message"
     try: f()
@@ -327,7 +389,7 @@ def _raises_clearly(f, *words):
         msg = str(e)
         missing = [w for w in words if not re.search(w, msg, re.I)]
         if missing: raise AssertionError(f"raised {type(e).__name__}, but the message misses {missing}: {msg[:300]}") from e
-        return f"{type(e).__name__}: {msg.splitlines()[0][:160]}"
+        return _message(e)[:240]
     raise AssertionError("no error was raised")
 
 def _two_cskd_in_one_fit(data):
@@ -347,31 +409,48 @@ def _two_cskd_in_cbs(data):
         with learn.no_bar(): learn.fit(1)
     return _raises_clearly(go, r'CSKD', r'already|second|two|more than one|duplicate|only one')
 
+def _attach_or_refused(cb, make):
+    "`make()` (a learner given `cb`); `None` and the refusal if `CSKD` refuses clearly to serve a second learner"
+    try: return make(), None
+    except Exception as e:
+        if 'CSKD' not in str(e) or not re.search(r'another|other|already', str(e)): raise
+        return None, _message(e)
+
 def _cache_to_new_learner(data):
     dls = image_dls(data, 'from_folder')
     cb = CSKD(partner='cache')
-    fit_checked(Learner(dls, tiny_cnn(), cbs=cb), 'cache', n_epoch=2)
-    learn2 = Learner(dls, tiny_cnn(), cbs=cb)
+    learn1 = Learner(dls, tiny_cnn(), cbs=cb)
+    fit_checked(learn1, 'cache', n_epoch=2)
+    learn2, refused = _attach_or_refused(cb, lambda: Learner(dls, tiny_cnn(), cbs=cb))
+    if refused:                                           # then the way the message gives: off the first learner
+        learn1.remove_cb(cb)
+        learn2 = Learner(dls, tiny_cnn(), cbs=cb)
     chk = fit_checked(learn2, 'cache', chk=CacheCheck())    # a fresh table: the first step's KD term must be 0
+    assert abs(chk.kd[0]) < 1e-6, f"first step's KD term {chk.kd[0]:.3f}, not 0"
+    return (f"refused while on the first learner ({refused[:60]}...); after `learn1.remove_cb(cb)`: " if refused else '') + \
+           f"first step's KD term {chk.kd[0]:.3g}; " + _note(chk)
+
+def _cache_new_model_same_learner(data):
+    dls = image_dls(data, 'from_folder')
+    learn = Learner(dls, tiny_cnn(), cbs=CSKD(partner='cache'))
+    fit_checked(learn, 'cache', n_epoch=2)
+    learn.model = tiny_cnn()
+    chk = fit_checked(learn, 'cache', chk=CacheCheck())
     assert abs(chk.kd[0]) < 1e-6, f"first step's KD term {chk.kd[0]:.3f}, not 0"
     return f"first step's KD term {chk.kd[0]:.3g}; " + _note(chk)
 
 def _same_cskd_two_learners(data):
     dls = image_dls(data, 'from_folder')
     cb = CSKD()
-    try:
-        l1 = Learner(dls, tiny_cnn(), cbs=cb)
-        l2 = Learner(dls, tiny_cnn(), cbs=cb)
-    except Exception as e:
-        if 'CSKD' in str(e): return f"refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        raise
-    for l in (l2, l1, l2): fit_checked(l)
-    for i, l in enumerate((l1, l2)):
+    l1 = Learner(dls, tiny_cnn(), cbs=cb)
+    l2, refused = _attach_or_refused(cb, lambda: Learner(dls, tiny_cnn(), cbs=cb))
+    for l in ((l1,) if refused else (l2, l1, l2)): fit_checked(l)
+    for i, l in enumerate((l1,) if refused else (l1, l2)):
         names = l.recorder.metric_names
         assert names.count('kd_loss') == 1, f"learner {i+1}'s columns: {names}"
         v = l.recorder.log[names.index('kd_loss')]
         assert v is not None and v > 0, f"learner {i+1}'s kd_loss is {v}"
-    return "both learners train and log kd_loss"
+    return f"refused: {refused}; the first learner trains and logs kd_loss" if refused else "both learners train and log kd_loss"
 
 def _no_recorder(data):
     dls = image_dls(data, 'from_folder')
@@ -450,19 +529,27 @@ _CODE = {'from_folder': "ImageDataLoaders.from_folder(path)", 'from_df': "ImageD
          'DataBlock(tuples)': "DataBlock(get_x=ItemGetter(0), get_y=ItemGetter(1)) over (path, label) tuples"}
 
 CASES = ([Case('Data', _CODE[h], _image_case(h, p), p, key=f'image-{h}-{p}') for h in IMAGE for p in ('forward', 'cache')]
+         + [Case('Data', "paired_dls(ImageDataLoaders.from_df(df, path, valid_col='is_valid'))", _paired_dls_from_df, 'forward', key='image-paired_dls-from_df')]
          + [Case('Data', "TabularDataLoaders.from_df(wine, y_names='target', y_block=CategoryBlock()) + tabular_learner", _tabular_case(p), p, key=f'tabular-{p}') for p in ('forward', 'cache')]
          + [Case('Data', f"TextDataLoaders.{h}(...) + text_classifier_learner (small AWD_LSTM)", _text_case(h, p), p, key=f'text-{h}-{p}')
             for h in ('from_df', 'from_folder') for p in ('forward', 'cache')]
          + [Case('Models', "text_classifier_learner(dls, AWD_LSTM, pretrained=False): its model returns a tuple", _text_case('from_df', 'forward', None), 'forward', key='model-awd_lstm'),
             Case('Models', "a model returning (logits, features), an after_pred callback keeping the logits", _tuple_model, 'forward', key='model-tuple'),
+            Case('Models', "a model returning (features, logits): CSKD(partner=PartnerForward(get_logits=lambda o: o[1]))", _logits_elsewhere, 'forward', key='model-get_logits'),
+            Case('Models', "a model returning (features, logits), without get_logits", _logits_elsewhere_no_option, 'forward',
+                 'a clear error that points to `get_logits`', key='model-no_get_logits'),
+            Case('Models', "a model with recurrent state (its output depends on its previous call)", _stateful_model, 'forward',
+                 "trains; the anchors' logits are those of the model before the partner pass (no state carried from it)", key='model-stateful'),
             Case('Models', "learn.to_non_native_fp16()", _non_native_fp16, 'forward', 'partners run in half precision, like the anchors', key='model-non_native_fp16'),
             Case('Errors and state', "Learner(..., cbs=CSKD()).fit(1, cbs=CSKD())", _two_cskd_in_one_fit, 'forward',
                  'a clear error naming the CSKD already there; the learner is left as it was', key='error-two_cskd_in_fit'),
             Case('Errors and state', "Learner(..., cbs=[CSKD(), CSKD()])", _two_cskd_in_cbs, 'forward', 'a clear error', key='error-two_cskd_in_cbs'),
             Case('Errors and state', "one CSKD(partner='cache') given to a second learner with a fresh model", _cache_to_new_learner, 'cache',
-                 "the new model's cache starts empty (first step's KD term is 0)", key='state-cache_new_model'),
+                 "the new model's cache starts empty (first step's KD term is 0); if it is refused while on the first learner, after `remove_cb`", key='state-cache_new_model'),
+            Case('Errors and state', "learn.model = a fresh model, then fit again with CSKD(partner='cache')", _cache_new_model_same_learner, 'cache',
+                 "the new model's cache starts empty (first step's KD term is 0)", key='state-cache_new_model_same_learner'),
             Case('Errors and state', "the same CSKD given to two learners", _same_cskd_two_learners, 'forward',
-                 'both train and log kd_loss, or a clear refusal', key='state-shared_cskd'),
+                 'both train and log kd_loss, or a clear refusal and the first one still does', key='state-shared_cskd'),
             Case('Errors and state', "a learner without a Recorder (learn.remove_cb(learn.recorder))", _no_recorder, 'forward', key='state-no_recorder'),
             Case('Errors and state', "SaveModelCallback(monitor='kd_loss') with CSKD(lam=SchedLin(0, 1))", _monitor_kd_loss, 'forward',
                  'a warning that kd_loss is a training term', key='warn-monitor_kd_loss'),
@@ -517,6 +604,31 @@ def markdown_table(results) -> str:
             out.append('| ' + ' | '.join(str(c).replace('|', '\\|') for c in cells) + ' |')
         out.append('')
     return '\n'.join(out)
+
+
+def html_table(results) -> str:
+    "The same tables as `markdown_table`, in HTML (what the docs site shows)"
+    from html import escape
+    out, icon = [], {'pass': '✅ works', 'fail': '❌ fails', 'skip': '➖ not run here'}
+    for g in dict.fromkeys(r['group'] for r in results):
+        rs = [r for r in results if r['group'] == g]
+        same = len({r['expect'] for r in rs}) == 1
+        out += [f"<h3>{escape(g)}</h3>"] + ([f"<p>Expected of each: {escape(rs[0]['expect'])}.</p>"] if same else [])
+        cols = ['what you do', 'partner'] + ([] if same else ['expected']) + ['outcome', 'details']
+        out += ['<table>', '<thead><tr>' + ''.join(f'<th>{c}</th>' for c in cols) + '</tr></thead>', '<tbody>']
+        for r in rs:
+            cells = [f"<code>{escape(r['what'])}</code>" if g == 'Data' else escape(r['what']), escape(r['partner'])]
+            cells += ([] if same else [escape(r['expect'])]) + [icon[r['status']], escape(r['note'])]
+            out.append('<tr>' + ''.join(f'<td>{c}</td>' for c in cells) + '</tr>')
+        out += ['</tbody>', '</table>']
+    return '\n'.join(out)
+
+
+class Outcomes:
+    "The outcomes of a run, shown as tables: HTML for the docs site and Jupyter, markdown where that is what is asked for"
+    def __init__(self, results, head=''): self.results, self.head = results, head
+    def _repr_markdown_(self): return (f"{self.head}\n\n" if self.head else '') + markdown_table(self.results)
+    def _repr_html_(self): return (f"<p>{self.head}</p>\n" if self.head else '') + html_table(self.results)
 
 
 if __name__ == '__main__':

@@ -46,6 +46,9 @@ def test_every_notebook_has_a_page(site):
         assert len(re.findall(r'<img [^>]*src="[^"]+\.png"', h)) >= 1       # the sweep plot
     if (ROOT/'nbs'/'performance.ipynb').exists():
         assert '<h1>Performance' in html(site, 'performance')
+    if (ROOT/'nbs'/'works_with.ipynb').exists():      # the compatibility matrix's tables, from the saved outputs
+        h = html(site, 'works_with')
+        assert '<h1>Works with' in h and h.count('<table') >= 3 and 'ImageDataLoaders.from_df' in text(h)
 
 
 def test_front_page(site):
