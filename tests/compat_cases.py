@@ -3,23 +3,21 @@ nbs/works_with.ipynb runs them all and shows the outcome of each ("Works with" p
 
 Every training case is a tiny fit (16 px digits, a few batches, tiny models) checked at every step against
 a computation of its own: the paired batch is read before `CSKD` splits it (anchors and partners must have
-the same label), and the loss `CSKD` backpropagates is recomputed from a copy of the model
-(`CE + λ T² KL`, as tests/conftest.py's `FormulaCheck` does); with `partner='cache'` the check keeps its
-own table of each item's last logits. The other cases are the errors and state issues a user runs into.
+the same label), and the loss `CSKD` backpropagates is recomputed (`loss_func + λ T² KL`, as tests/conftest.py's
+`FormulaCheck` does) with the partners run again through the model as it was before the partner pass; with
+`partner='cache'` the check keeps its own table of each item's last logits. The other cases are the errors and state issues a user runs into.
 
 `python tests/compat_cases.py` runs every case and prints the table; `--page` re-executes the docs page
 (its saved outputs are what the site shows)."""
 from __future__ import annotations
 import contextlib, io, os, re, sys, tempfile, time, warnings
 from copy import deepcopy
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai.text.all import *
@@ -39,7 +37,7 @@ def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t,
 def _logits(out): return out[0] if isinstance(out, (tuple, list)) else out
 
 def _kl(target, anchor, T):
-    "Mean over rows of `KL(softmax(target/T) || softmax(anchor/T))`, per row (written out, not `cskd_loss`)"
+    "`KL(softmax(target/T) || softmax(anchor/T))` of each row, written out (not `cskd_loss`)"
     q, logp = torch.softmax(target.float()/T, 1), torch.log_softmax(anchor.float()/T, 1)
     return (q*(q.clamp_min(1e-30).log() - logp)).sum(1)
 
@@ -115,18 +113,19 @@ class CacheCheck(Callback):
         if self.table is None: self.labels = train_labels(self.dls.train)
     def before_batch(self):
         *ys, pos = [_plain(y) for y in self.learn.yb]
+        pos = pos.cpu()                                   # the check works on the CPU, wherever the model is
         lab = self.labels[pos]
         assert torch.equal(ys[0].cpu().reshape(-1), lab), "the positions appended to the batch are not the anchors'"
         self.pos, self.y = pos.clone(), ys[0].clone()
     def before_backward(self):
-        cb, pred = self.learn.cskd, _plain(self.learn.pred.detach()).float()
+        cb, pred = self.learn.cskd, _plain(self.learn.pred.detach()).float().cpu()
         lam, T = _lam(cb, self.learn), cb.T
         if self.table is None: self.table, self.seen = torch.zeros(len(self.labels), pred.shape[1]), torch.zeros(len(self.labels), dtype=torch.bool)
         pidx = torch.as_tensor(cb.source.partner_idx).cpu() if lam > 0 else self.pos
         assert torch.equal(self.labels[pidx], self.labels[self.pos]), "a cached partner of another class"
         kd = (_kl(self.table[pidx], pred, T)*self.seen[pidx]).mean()
-        base = self.learn.loss_func(self.learn.pred.detach(), self.y) + _regularizers(self.learn)
-        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kd).float(),
+        base = (self.learn.loss_func(self.learn.pred.detach(), self.y) + _regularizers(self.learn)).cpu()
+        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float().cpu(), _plain(base + lam*T**2*kd).float(),
                                    rtol=self.tol, atol=self.tol)
         self.table[self.pos] = pred.clamp(-6e4, 6e4).half().float(); self.seen[self.pos] = True
         self.steps += 1; self.kd.append(float(lam*T**2*kd))
@@ -579,11 +578,11 @@ def run_case(case, data) -> dict:
 
 def run_all(root=None, cases=CASES, verbose=False):
     "Run every case in a fresh folder (a temporary one if `root` is None); a list of outcomes"
-    torch.manual_seed(0); np.random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = Data(root or tmp)
         res = []
         for c in cases:
+            set_seed(0)                                   # as tests/test_compat.py does before each case
             res.append(run_case(c, data))
             if verbose: print(f"{res[-1]['status']:5} {res[-1]['seconds']:5.1f}s  {c.what} [{c.partner}]: {res[-1]['note']}", flush=True)
         return res
