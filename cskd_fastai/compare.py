@@ -155,6 +155,7 @@ class _Source:
         self.builtin = data is None or isinstance(data, (str, Path))
         if self.builtin:
             if data is None and n_per_class is None: n_per_class = DIGITS_PER_CLASS
+            if data is None and workers is None: workers = 0
             if flip is None: flip = data is not None
             self.dsets, self.dblock, self.name, self.split = _image_datasets(data, size, flip, valid_pct)
             self.dl_kw = dict(bs=bs, after_item=self.dblock.item_tfms, after_batch=self.dblock.batch_tfms,
@@ -196,11 +197,11 @@ class _Source:
         return DataLoaders(train, valid, path=d.path, device=d.device)
 
     def items(self, which:str):
-        "The 'train' or 'calib' items (file names, rows, or the table's index for tabular data) of the last run, or None"
+        "The 'train' or 'calib' items (file names; the table's index labels for items in a `DataFrame`), or None"
         idx = self.train_idx if which == 'train' else self.calib_idx
         if idx is None: return None
-        ds = self._last.train_ds
-        return list(ds.items.index[idx]) if hasattr(ds, 'y_names') else list(_take(ds.items, idx))
+        sub = _take(self._last.train_ds.items, idx)
+        return list(sub.index) if isinstance(sub, (pd.DataFrame, pd.Series)) else list(sub)
 
     def eval_dl(self, dls, which:str):
         "A loader over the 'train' or 'calib' items in evaluation mode (unaugmented, in order), or None"
@@ -307,10 +308,14 @@ class _Store:
         _atomic_write(s.with_suffix('.npz'), lambda f: np.savez_compressed(f, **arrays))
         _atomic_write(s.with_suffix('.json'), lambda f: f.write(_json_bytes(dict(record=rec, curve=curve.to_dict(orient='list')))))
 
-# %% ../nbs/06_compare.ipynb #8c618ebd
+# %% ../nbs/06_compare.ipynb #9b9cd902
 def _name_of(f) -> str:
     f = getattr(f, 'func', f)   # functools.partial
     return getattr(f, '__qualname__', type(f).__name__)
+
+class _Shared(dict):
+    "A dict that a `DataFrame`'s `attrs` pass on by reference: pandas deep-copies `attrs` into every frame derived from it"
+    def __deepcopy__(self, memo): return self
 
 def _summarise(records, methods, seeds) -> pd.DataFrame:
     "One row per method: the mean over seeds of each measure, and its standard deviation (`<measure>_std`)"
@@ -340,7 +345,7 @@ def compare(
     flip:bool|None=None, # Random horizontal flips (image folders and CSVs; default: on, except for the digits)
     valid_pct:float=0.2, # A CSV without an `is_valid` column: the share of rows held out for evaluation (fixed seed)
     pretrained:bool=False, # Start from pretrained weights (needs a download)
-    workers:int|None=None, # DataLoader workers (image folders and CSVs; default: fastai's)
+    workers:int|None=None, # DataLoader workers (image folders and CSVs; default: fastai's, none for the bundled digits, whose tiny images load faster without)
     out:str|None=None, # Folder for the results; each run is saved there as it ends, and a rerun skips finished runs
     n_bins:int=15, # Bins of the calibration metrics
     verbose:bool=True, # Progress bars and the fit tables
@@ -388,8 +393,9 @@ def compare(
                for m in methods}
     res = _summarise(records, methods, seeds)
     preds = {f'{m}/{s}/{k}': v for (m,s),a in arrays.items() for k,v in a.items() if not k.startswith('calib') or not m.endswith(TS)}
-    res.attrs.update(split=src.split, data=src.name, interps=interps, learners=learners, curves=curves, preds=preds,
-                     items={k: src.items(k) for k in ('train', 'calib')},
+    # the learners, predictions and curves are shared with every frame derived from `res`, not copied into it
+    res.attrs.update(split=src.split, data=src.name, interps=_Shared(interps), learners=_Shared(learners), curves=_Shared(curves),
+                     preds=_Shared(preds), items=_Shared({k: src.items(k) for k in ('train', 'calib')}),
                      config=dict(config, methods=methods, seeds=seeds))
     if out is not None: save_results(res, out)
     return res

@@ -130,7 +130,11 @@ def _text_dls():
 
 def test_text_dataloaders():
     from fastai.text.all import text_classifier_learner, AWD_LSTM
-    res = compare(_text_dls(), learner=partial(text_classifier_learner, arch=AWD_LSTM, pretrained=False), methods=('ce', 'ce+ts'),
-                  epochs=1, seeds=(0,), verbose=False)
-    assert np.isfinite(res[['top1_err', 'nll', 'ece']].to_numpy(float)).all()
-    assert len(res.attrs['items']['calib']) == 24 and len(res.attrs['preds']['ce/0/targs']) == 40
+    res = compare(_text_dls(), learner=partial(text_classifier_learner, arch=AWD_LSTM, pretrained=False),
+                  methods=('ce', 'pass', 'cskd', 'ce+ts'), epochs=1, seeds=(0,), verbose=False)
+    assert list(res.index) == ['ce', 'pass', 'cskd', 'ce+ts']
+    assert np.isfinite(res[['top1_err', 'nll', 'ece', 'train_err']].to_numpy(float)).all()
+    assert res.attrs['curves']['cskd'][0]['kd_loss'].iloc[-1] > 0
+    calib, train = set(res.attrs['items']['calib']), set(res.attrs['items']['train'])    # the table's row labels
+    assert len(calib) == 24 and not calib & train and calib | train == set(range(120))     # rows 120-159 are `is_valid`
+    assert len(res.attrs['preds']['ce/0/targs']) == 40
