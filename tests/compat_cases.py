@@ -71,6 +71,11 @@ class PairCheck(Callback):
         self.xall, self.yall = [_plain(x).clone() for x in self.learn.xb], [y.clone() for y in ys]
         self.bufs = [(m, k, b.clone()) for m in self._model().modules() for k, b in m._buffers.items() if b is not None]
         self.rng = torch.get_rng_state()
+    def _autocast(self):
+        "The autocast region of the learner's `MixedPrecision` (`to_fp16()`), where it is on"
+        ac = getattr(getattr(self.learn, 'mixed_precision', None), 'autocast', None)
+        on = ac is not None and getattr(ac, '_enabled', False)
+        return torch.autocast(ac.device, dtype=ac.fast_dtype) if on else contextlib.nullcontext()
     def _partner_logits(self, train):
         "The partners through the model with the buffers and random state of `before_batch`, on stand-in buffers"
         m, n = self._model(), len(self.yall[0])//2
@@ -79,7 +84,7 @@ class PairCheck(Callback):
             for mm, k, b in self.bufs: mm._buffers[k] = b.clone()
             if not train: m.eval()
             torch.set_rng_state(self.rng)
-            with torch.no_grad(): return self.get_logits(m(*[x[n:] for x in self.xall])).float()
+            with torch.no_grad(), self._autocast(): return self.get_logits(m(*[x[n:] for x in self.xall])).float()
         finally:
             for mm, k, b in orig: mm._buffers[k] = b
             for mm, t in modes: mm.training = t
@@ -381,6 +386,52 @@ def _paired_dls_from_df(data):
     return _note(fit_checked(learn))
 
 
+def _to_fp16(partner):
+    def run(data):
+        dls = image_dls(data, 'from_folder')
+        learn = Learner(dls, tiny_cnn(), cbs=CSKD(partner=partner)).to_fp16()
+        dtypes = set()
+        h = learn.model[-1].register_forward_hook(lambda m, i, o: dtypes.add(str(o.dtype).replace('torch.', '')) if m.training else None)
+        try: chk = fit_checked(learn, partner)
+        finally: h.remove()
+        return _note(chk) + f"; logits in {', '.join(sorted(dtypes))}" + (
+            " (fastai's to_fp16 autocasts on CUDA only: on a CPU it trains in float32)" if not torch.cuda.is_available() else '')
+    return run
+
+def _mid_level_datasets(data):
+    fs = data.files()
+    dsets = Datasets(fs, tfms=[[PILImage.create], [parent_label, Categorize()]], splits=GrandparentSplitter()(fs))
+    dls = dsets.dataloaders(after_item=[Resize(PX), ToTensor()], after_batch=[IntToFloatTensor()], bs=BS, num_workers=0)
+    learn = Learner(dls, tiny_cnn(dls.c), cbs=CSKD())
+    return _note(fit_checked(learn))
+
+def _vision_learner_fine_tune(data):
+    dls = image_dls(data, 'from_folder')
+    learn = vision_learner(dls, 'resnet10t', pretrained=False, cbs=CSKD())
+    chk = PairCheck()
+    learn.add_cb(chk)
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fine_tune(1)
+    learn.remove_cb(chk)
+    assert chk.steps == 2*len(dls.train), f"{chk.steps} steps checked of {2*len(dls.train)}"
+    assert learn.recorder.metric_names.count('kd_loss') == 1
+    return f"frozen and unfrozen fits: " + _note(chk)
+
+def _not_single_label(block, get_y):
+    def run(data):
+        dls = DataBlock(blocks=(ImageBlock, block), get_y=get_y, splitter=GrandparentSplitter(),
+                        item_tfms=Resize(PX)).dataloaders(data.files(), bs=BS, num_workers=0)
+        learn = Learner(dls, tiny_cnn(dls.c if hasattr(dls, 'c') else 1), loss_func=MSELossFlat() if block is RegressionBlock else None, cbs=CSKD())
+        def go():
+            with learn.no_bar(): learn.fit(1)
+        msg = _raises_clearly(go, r'single-label')
+        assert type(learn.dls.train) is not PairedDL, "the training loader was not put back"
+        return msg
+    return run
+
+def _two_labels(f): return [f.parent.name, 'even' if int(f.parent.name) % 2 == 0 else 'odd']
+def _digit_value(f): return float(f.parent.name)
+
 def _raises_clearly(f, *words):
     "Run `f`; it must raise, with a message that has each of `words` (regexes, case-insensitive); return the message"
     try: f()
@@ -528,6 +579,7 @@ _CODE = {'from_folder': "ImageDataLoaders.from_folder(path)", 'from_df': "ImageD
          'DataBlock(tuples)': "DataBlock(get_x=ItemGetter(0), get_y=ItemGetter(1)) over (path, label) tuples"}
 
 CASES = ([Case('Data', _CODE[h], _image_case(h, p), p, key=f'image-{h}-{p}') for h in IMAGE for p in ('forward', 'cache')]
+         + [Case('Data', "Datasets(files, tfms=[[PILImage.create], [parent_label, Categorize()]]).dataloaders(...)", _mid_level_datasets, 'forward', key='image-Datasets')]
          + [Case('Data', "paired_dls(ImageDataLoaders.from_df(df, path, valid_col='is_valid'))", _paired_dls_from_df, 'forward', key='image-paired_dls-from_df')]
          + [Case('Data', "TabularDataLoaders.from_df(wine, y_names='target', y_block=CategoryBlock()) + tabular_learner", _tabular_case(p), p, key=f'tabular-{p}') for p in ('forward', 'cache')]
          + [Case('Data', f"TextDataLoaders.{h}(...) + text_classifier_learner (small AWD_LSTM)", _text_case(h, p), p, key=f'text-{h}-{p}')
@@ -537,12 +589,19 @@ CASES = ([Case('Data', _CODE[h], _image_case(h, p), p, key=f'image-{h}-{p}') for
             Case('Models', "a model returning (features, logits): CSKD(partner=PartnerForward(get_logits=lambda o: o[1]))", _logits_elsewhere, 'forward', key='model-get_logits'),
             Case('Models', "a model returning (features, logits), without get_logits", _logits_elsewhere_no_option, 'forward',
                  'a clear error that points to `get_logits`', key='model-no_get_logits'),
+            Case('Models', "vision_learner(dls, 'resnet10t', pretrained=False), learn.fine_tune(1)", _vision_learner_fine_tune, 'forward', key='model-vision_learner-fine_tune'),
+            Case('Models', "learn.to_fp16()", _to_fp16('forward'), 'forward', key='model-to_fp16-forward'),
+            Case('Models', "learn.to_fp16()", _to_fp16('cache'), 'cache', key='model-to_fp16-cache'),
             Case('Models', "a model with recurrent state (its output depends on its previous call)", _stateful_model, 'forward',
                  "trains; the anchors' logits are those of the model before the partner pass (no state carried from it)", key='model-stateful'),
             Case('Models', "learn.to_non_native_fp16()", _non_native_fp16, 'forward', 'partners run in half precision, like the anchors', key='model-non_native_fp16'),
             Case('Errors and state', "Learner(..., cbs=CSKD()).fit(1, cbs=CSKD())", _two_cskd_in_one_fit, 'forward',
                  'a clear error naming the CSKD already there; the learner is left as it was', key='error-two_cskd_in_fit'),
             Case('Errors and state', "Learner(..., cbs=[CSKD(), CSKD()])", _two_cskd_in_cbs, 'forward', 'a clear error', key='error-two_cskd_in_cbs'),
+            Case('Errors and state', "multi-label targets: DataBlock(blocks=(ImageBlock, MultiCategoryBlock))", _not_single_label(MultiCategoryBlock, _two_labels), 'forward',
+                 'a clear error: CS-KD needs single-label classes; the loader is put back', key='error-multi_label'),
+            Case('Errors and state', "regression targets: DataBlock(blocks=(ImageBlock, RegressionBlock))", _not_single_label(RegressionBlock, _digit_value), 'forward',
+                 'a clear error: CS-KD needs single-label classes; the loader is put back', key='error-regression'),
             Case('Errors and state', "one CSKD(partner='cache') given to a second learner with a fresh model", _cache_to_new_learner, 'cache',
                  "the new model's cache starts empty (first step's KD term is 0); if it is refused while on the first learner, after `remove_cb`", key='state-cache_new_model'),
             Case('Errors and state', "learn.model = a fresh model, then fit again with CSKD(partner='cache')", _cache_new_model_same_learner, 'cache',
