@@ -163,7 +163,7 @@ def test_model_must_return_logits(small_dls):
         def __init__(self): super().__init__(); self.m = tiny_cnn()
         def forward(self, x): return self.m(x)[:, :, None]       # (n, K, 1): not (n, K)
     learn = Learner(small_dls, TwoHeads(), loss_func=lambda p, y: F.cross_entropy(p[..., 0], y), cbs=CSKD())
-    with pytest.raises(ValueError, match=r'\(batch, classes\) tensor of logits'): learn.fit(1)
+    with pytest.raises(ValueError, match=r'logits as a \(batch, classes\) tensor'): learn.fit(1)
     assert len(learn.metrics) == 0 and '_do_epoch' not in learn.__dict__
 
 
