@@ -1,4 +1,4 @@
-"""GPU-only checks (`@pytest.mark.gpu`: skipped without CUDA). Run them where a GPU is lent:
+"""GPU-only checks (`@pytest.mark.gpu`: skipped without CUDA). Run them on a machine with a CUDA GPU:
 `python -m pytest -m gpu tests/test_gpu.py`.
 
 - the partner forward under `MixedPrecision` (fp16 and bf16) runs inside autocast, as the anchors' does;
