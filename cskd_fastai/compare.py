@@ -41,7 +41,7 @@ from .metrics import fit_temperature, apply_temperature
 from .interpret import CalibrationInterpretation, compare_reliability
 
 # %% auto #0
-__all__ = ['METHODS', 'TS', 'METHOD_NAMES', 'DIGITS_PER_CLASS', 'STUDY_URL', 'EVIDENCE', 'DEFAULT_NOTE', 'compare',
+__all__ = ['METHODS', 'TS', 'METHOD_NAMES', 'DIGITS_PER_CLASS', 'STUDY_URL', 'EVIDENCE', 'LAM_SWEEP', 'DEFAULT_NOTE', 'compare',
            'results_table', 'describe', 'verdict', 'regime', 'report', 'save_results', 'main']
 
 # %% ../nbs/06_compare.ipynb #bbf11869
@@ -498,6 +498,15 @@ EVIDENCE = [
          files=('regime_study', ['ce_s0_f100', 'ce_s1_f100', 'ce_s2_f100'], ['cskd_s0_f100', 'cskd_s1_f100', 'cskd_s2_f100'])),
 ]
 
+# CS-KD's held-out mean confidence minus accuracy (points) for several λ (T=4) in one setting of the regime study, one run each
+LAM_SWEEP = dict(run='CIFAR-10, 1,000 images, 20 of 200 epochs (compressed schedule), seed 0',
+                 points=[(0.25, 1.5), (1., -5.5), (2., -13.9)], files=['cskd-lam0.25_s0_f010', 'cskd_s0_f010', 'cskd-lam2_s0_f010'])
+
+def _sweep_line() -> str:
+    lams, gaps = (' / '.join(f(p) for p in LAM_SWEEP['points']) for f in (lambda p: f"{p[0]:g}", lambda p: f"{p[1]:+.1f}"))
+    return (f" Measured so far ({LAM_SWEEP['run']}, one run each): λ = {lams} gave CS-KD a confidence minus accuracy of "
+            f"{gaps} points.")
+
 def _evidence_line(gap:float) -> str:
     "Where cross-entropy's overconfidence `gap` (points) lies among the measured runs"
     pts = sorted(EVIDENCE, key=lambda e: e['ce_gap'])
@@ -509,14 +518,16 @@ def _evidence_line(gap:float) -> str:
     return (f"Runs measured so far, cross-entropy's overconfidence → CS-KD's change in ECE, in points: {said}. "
             f"This run ({gap:+.1f}) lies {where}. See {STUDY_URL}")
 
-def _advice(name, gap, lam) -> str|None:
-    "Which way to move λ when a CS-KD model ends more than 2 points under- or overconfident (`gap` in points)"
+def _advice(name, gap, lam, ts=None) -> str|None:
+    "Which way to move λ when a CS-KD model ends more than 2 points under- or overconfident (`gap` in points); `ts`: (T, ECE with it, ECE without)"
     if abs(gap) < 2: return None
+    said = (f" Its '{TS}' row, one temperature (T={ts[0]:.2f}) fitted after training on the calibration items, has ECE {100*ts[1]:.2f}% "
+            f"against {100*ts[2]:.2f}% without." if ts else f" A '{TS}' row shows what one temperature fitted after training does.")
     if gap < 0: return (f"{name} ends {-gap:.1f} points underconfident (mean confidence below accuracy): the KD term overshoots. It pulls "
                         f"each prediction toward a same-class partner's prediction softened by T, and λ (now {lam:g}) scales that pull: "
-                        f"a smaller λ (e.g. --lam {lam/2:g}) weakens it. A temperature fitted after training ('cskd{TS}') corrects it without retraining.")
+                        f"a smaller λ (e.g. --lam {lam/2:g}) weakens it." + _sweep_line() + said)
     return (f"{name} is still {gap:.1f} points overconfident: a larger λ (now {lam:g}, e.g. --lam {2*lam:g}) strengthens the KD term's pull "
-            f"toward the partners' softened predictions; a temperature fitted after training ('{TS}' rows) is the cheaper fix.")
+            f"toward the partners' softened predictions." + _sweep_line() + said)
 
 def regime(res:pd.DataFrame, base:str='ce') -> list[str]:
     "Which regime the run was in (the baseline's held-out overconfidence, its training fit as context), and which way to move λ"
@@ -532,7 +543,8 @@ def regime(res:pd.DataFrame, base:str='ce') -> list[str]:
     for m, r in res.iterrows():
         if m.endswith(TS): continue
         g = 100*r['conf_gap']
-        a = _advice(r['name'], g, c.get('lam', 1.)) if m.startswith('cskd') else None
+        ts = (res.loc[m+TS, 'temperature'], res.loc[m+TS, 'ece'], r['ece']) if m+TS in res.index and 'temperature' in res else None
+        a = _advice(r['name'], g, c.get('lam', 1.), ts) if m.startswith('cskd') else None
         if a: lines.append(a)
         elif m != base and abs(g) >= 2:
             lines.append(f"{r['name']} is {'over' if g > 0 else 'under'}confident: its mean confidence is {abs(g):.1f} points "

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 import numpy as np
 import pytest
-from cskd_fastai.compare import EVIDENCE, DEFAULT_NOTE
+from cskd_fastai.compare import EVIDENCE, DEFAULT_NOTE, LAM_SWEEP
 
 STUDY = Path(__file__).parents[1]/'nbs'/'tutorials'/'regime_study'
 
@@ -72,3 +72,15 @@ def test_default_note_numbers():
     assert f"CS-KD took its ECE from {ece_ce}% to {ece_cskd}%" in note
     assert f"took it to {ts_ce}%" in note and '3 seeds' in note and '200 epochs' in note
     assert 'epochs' not in note.split('CIFAR-10')[0]            # nothing about the digits run's own length
+
+
+def test_lambda_sweep():
+    "The λ sweep behind the advice: CS-KD's confidence minus accuracy for each λ, one run each, the same setting"
+    rs = [_load(f) for f in LAM_SWEEP['files']]
+    lam = lambda r: 1. if r['method'] == 'cskd' else float(r['method'].split('cskd-lam')[1])    # the paper's λ=1 unless named
+    assert [(lam(r), _pts(r['mean_conf'] - (1 - r['test_err']))) for r in rs] == LAM_SWEEP['points']
+    assert len({(r['epochs'], r['frac'], r['seed'], r['n_train']) for r in rs}) == 1
+    r = rs[0]
+    assert f"seed {r['seed']}" in LAM_SWEEP['run'] and f"{r['epochs']} of 200 epochs" in LAM_SWEEP['run'] and f"{r['n_train']:,} images" in LAM_SWEEP['run']
+    g = [p[1] for p in sorted(LAM_SWEEP['points'])]
+    assert g == sorted(g, reverse=True)           # confidence falls as λ grows: what the advice says
