@@ -490,6 +490,8 @@ STUDY_URL = 'https://cskd-fastai.readthedocs.io/tutorials/regime_study.html'
 EVIDENCE = [
     dict(run='CIFAR-10, 1,000 images, 20 of 200 epochs (compressed schedule), 1 seed', ce_gap=6.9, d_ece=-1.5,
          files=('regime_study', ['ce_s0_f010'], ['cskd_s0_f010'])),
+    dict(run='CIFAR-10, 1,000 images, 30 of 200 epochs (compressed schedule), 1 seed', ce_gap=9.9, d_ece=-6.6,
+         files=('regime_study', ['ce_s0_f015'], ['cskd_s0_f015'])),
     dict(run='CIFAR-10, 2,000 images, resnet10t, 20 epochs, 3 seeds', ce_gap=17.7, d_ece=-13.9,
          files=('cifar10_study', ['ce/0', 'ce/1', 'ce/2'], ['cskd/0', 'cskd/1', 'cskd/2'])),
     dict(run='CIFAR-10, 1,000 images, 60 of 200 epochs (compressed schedule), 1 seed', ce_gap=22.2, d_ece=-14.1,
