@@ -65,6 +65,7 @@ def _check_probs(probs) -> np.ndarray:
 def _check_targs(targs, n, k) -> np.ndarray:
     "`targs` as an (n,) int64 array of labels in [0, k), or a `ValueError` saying what is wrong"
     y = _to_array(targs, 'targs')
+    if y.ndim == 2 and y.shape[1] == 1: y = y[:, 0]     # one target column, as tabular learners give
     if y.ndim != 1: raise ValueError(f"`targs` must be a 1-d array of integer class labels, got shape {y.shape}.")
     if len(y) != n: raise ValueError(f"`targs` has {len(y)} labels but `probs` has {n} rows; they must match.")
     if y.dtype.kind == 'f':

@@ -357,3 +357,28 @@ def test_every_old_name_lives_in_metrics_or_interpret():
     for nm in OLD_NAMES: assert nm in ns, nm
     assert ns['BrierScore'] is m.BrierScore          # the multi-class one, not fastai's binary `BrierScore`
 
+
+
+# --- a tabular learner (targets of shape (n, 1)) ----------------------------------------------------------------
+
+def test_from_learner_on_a_tabular_learner():
+    "`get_preds` of a tabular learner gives one target column; the summary matches metrics computed from scratch"
+    import pandas as pd
+    from sklearn.datasets import load_wine
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Normalize
+    d = load_wine(as_frame=True).frame
+    d['target'] = d['target'].map({0: 'a', 1: 'b', 2: 'c'})
+    set_seed(0)
+    dls = TabularDataLoaders.from_df(d, y_names='target', cont_names=list(d.columns[:-1]), procs=[Normalize],
+                                     valid_idx=list(range(0, len(d), 4)), bs=32, num_workers=0)
+    learn = tabular_learner(dls, layers=[16])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    interp = CalibrationInterpretation.from_learner(learn)
+    s = interp.summary(n_bins=15).iloc[0]
+    # independently: the model on the validation rows, softmax, labels straight from the DataFrame through the vocab
+    learn.model.eval()
+    with torch.no_grad(): p = torch.cat([F.softmax(learn.model(*b[:2]), 1) for b in dls.valid])
+    vocab = list(dls.vocab)
+    y = np.array([vocab.index(v) for v in d['target'].iloc[list(range(0, len(d), 4))]])
+    assert s['top1_error'] == pytest.approx(float((p.argmax(1).numpy() != y).mean()))
+    assert s['nll'] == pytest.approx(float(-np.log(p.numpy()[np.arange(len(y)), y]).mean()), rel=1e-4)
