@@ -41,8 +41,9 @@ from .metrics import fit_temperature, apply_temperature
 from .interpret import CalibrationInterpretation, compare_reliability
 
 # %% auto #0
-__all__ = ['METHODS', 'TS', 'METHOD_NAMES', 'DIGITS_PER_CLASS', 'STUDY_URL', 'EVIDENCE', 'LAM_SWEEP', 'DEFAULT_NOTE', 'compare',
-           'results_table', 'describe', 'verdict', 'regime', 'report', 'save_results', 'main']
+__all__ = ['METHODS', 'TS', 'METHOD_NAMES', 'DIGITS_PER_CLASS', 'STUDY_URL', 'EVIDENCE', 'LAM_SWEEP', 'DEFAULT_NOTE',
+           'FINETUNE_URL', 'FINETUNE', 'compare', 'results_table', 'describe', 'verdict', 'regime', 'report',
+           'save_results', 'main']
 
 # %% ../nbs/06_compare.ipynb #bbf11869
 METHODS = {
@@ -560,10 +561,27 @@ DEFAULT_NOTE = (
     "39.4 points overconfident; CS-KD took its ECE from 39.4% to 25.2%, and one temperature fitted after training on\n"
     "held-out training images took it to 2.9%: " + STUDY_URL)
 
+FINETUNE_URL = 'https://cskd-fastai.readthedocs.io/tutorials/finetune_study.html'
+
+# CS-KD minus cross-entropy after `fine_tune(8)` from a stand-in pretrained backbone (the fine-tuning study, 3 seeds):
+# images per class, then top-1 error and ECE as (mean, 95% interval low, high) in points (tests/test_compare_evidence.py
+# recomputes them from nbs/tutorials/finetune_study/)
+FINETUNE = [(20, (9.2, 8.9, 9.5), (-8.9, -16.6, -1.3)), (50, (2.3, -0.6, 5.3), (-12.5, -15.8, -9.2)),
+            (200, (1.0, -0.9, 2.8), (4.0, 2.8, 5.1))]
+
+def _finetune_line() -> str:
+    "What the fine-tuning study measured, for runs from pretrained weights or on a user's learner"
+    iv = lambda v: f"{v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]"
+    err, ece = (', '.join(f"{iv(r[i])} with {r[0]}" for r in FINETUNE) + " images per class" for i in (1, 2))
+    return (f"Where the model starts from pretrained weights: in the fine-tuning study (a stand-in backbone, `fine_tune(8)`, 3 seeds; "
+            f"CS-KD minus cross-entropy in points, with 95% intervals) CS-KD changed top-1 error by {err}, and ECE by {ece}. "
+            f"It cost accuracy there, and cut ECE only where cross-entropy was clearly overconfident: {FINETUNE_URL}")
+
 def report(res:pd.DataFrame, note:bool=False) -> str:
     "The command's output: what was run, the table and what ± is, the verdict, the regime and advice (and the digits' note)"
-    t = results_table(res)
+    t, c = results_table(res), res.attrs.get('config', {})
     parts = [describe(res), t.to_string(), t.attrs['note'], '\n'.join(verdict(res)), '\n'.join(regime(res))]
+    if c.get('pretrained') or c.get('learner'): parts.append(_finetune_line())
     if note: parts.append(DEFAULT_NOTE)
     return '\n\n'.join(p for p in parts if p)
 

@@ -84,3 +84,20 @@ def test_lambda_sweep():
     assert f"seed {r['seed']}" in LAM_SWEEP['run'] and f"{r['epochs']} of 200 epochs" in LAM_SWEEP['run'] and f"{r['n_train']:,} images" in LAM_SWEEP['run']
     g = [p[1] for p in sorted(LAM_SWEEP['points'])]
     assert g == sorted(g, reverse=True)           # confidence falls as λ grows: what the advice says
+
+
+def test_finetune_numbers():
+    "The fine-tuning line: CS-KD minus cross-entropy after fine_tune(8), paired over 3 seeds, 95% Student-t intervals"
+    from scipy import stats
+    from cskd_fastai.compare import FINETUNE, _finetune_line
+    d = STUDY.parent/'finetune_study'
+    for n, err, ece in FINETUNE:
+        pairs = [[json.loads((d/f'{m}_n{n:03d}_e8_s{s}.json').read_text()) for m in ('ce', 'cskd')] for s in range(3)]
+        assert all(a['seed'] == b['seed'] and a['n_per_class'] == b['n_per_class'] == n and a['epochs'] == b['epochs'] == 8
+                   for a, b in pairs)
+        for key, said in (('test_err', err), ('test_ece', ece)):
+            x = np.array([100*(b[key] - a[key]) for a, b in pairs])
+            h = stats.t.ppf(0.975, len(x) - 1)*x.std(ddof=1)/np.sqrt(len(x))
+            assert said == tuple(round(v, 1) for v in (x.mean(), x.mean() - h, x.mean() + h))
+    line = _finetune_line()
+    assert '3 seeds' in line and 'fine_tune(8)' in line
