@@ -236,7 +236,28 @@ def test_front_page_study_numbers_match_the_saved_results():
     ts_ce, ts_cskd = col(ce, 'ts_ece', 100), col(cskd, 'ts_ece', 100)
     assert sum(ts_ce) < sum(ts_cskd)                                     # temperature-scaled CE is the better calibrated
     assert f'calibrated cross-entropy better (ECE {_pm(ts_ce, 1)}%) than CS-KD with its own ({_pm(ts_cskd, 1)}%)' in readme
-    assert sum(1 for l in (ROOT/'README.md').read_text().splitlines() if '<!-- finetune -->' in l) <= 1
+
+
+def test_front_page_finetune_numbers_match_the_saved_results():
+    "The fine-tuning paragraph, recomputed from nbs/tutorials/finetune_study/ (CS-KD minus cross-entropy, paired seeds)"
+    d = ROOT/'nbs'/'tutorials'/'finetune_study'
+    run = lambda m, n, e, s: json.loads((d/f'{m}_n{n:03d}_e{e}_s{s}.json').read_text())
+    readme = ' '.join((ROOT/'README.md').read_text().split())
+    pairs = [(run('ce', n, e, s), run('cskd', n, e, s)) for n in (20, 50, 200) for e in (3, 8) for s in range(3)]
+    assert sum(b['test_err'] > a['test_err'] for a, b in pairs) == len(pairs) == 18
+    assert 'higher than cross-entropy\'s in all 18 paired runs' in readme
+    def diff(n, key):
+        a, b = zip(*[(run('ce', n, 8, s)[key]*100, run('cskd', n, 8, s)[key]*100) for s in range(3)])
+        lo, hi = _paired_interval(a, b)
+        return sum(b)/3 - sum(a)/3, lo, hi
+    m, lo, hi = diff(20, 'test_err')
+    assert f'by {m:.1f} points [{_num(lo, 1)}, {_num(hi, 1)}] with 20 images per class' in readme and lo > 0
+    m, lo, hi = diff(200, 'test_err')
+    assert f'by {m:.1f} [{_num(lo, 1)}, {_num(hi, 1)}] with 200, where the interval spans zero' in readme and lo < 0 < hi
+    m, lo, hi = diff(50, 'test_ece')
+    assert f'(by {-m:.1f} points with 50 per class)' in readme and hi < 0
+    m, lo, hi = diff(200, 'test_ece')
+    assert f'(ECE +{m:.1f} [{_num(lo, 1)}, {_num(hi, 1)}] points)' in readme and lo > 0
 
 
 def test_benchmark_scripts_refuse_to_run_without_data():
