@@ -98,6 +98,21 @@ def test_function_of_the_seed():
     assert sorted(set(calls)) == [0, 3, 4] and res.loc['ce', 'n_seeds'] == 2      # 0: the split is read once, first
 
 
+def test_function_of_the_seed_must_keep_the_split():
+    "A function whose split follows the seed is refused before that seed trains: the calibration items are carved once"
+    import numpy as np
+    from sklearn.datasets import load_wine
+    from fastai.tabular.all import TabularDataLoaders, Normalize, CategoryBlock, tabular_learner
+    df = load_wine(as_frame=True).frame
+    df['target'] = df['target'].map({0: 'a', 1: 'b', 2: 'c'})
+    def make(seed):
+        valid_idx = np.random.default_rng(seed).permutation(len(df))[:45].tolist()     # a split that moves with the seed
+        return TabularDataLoaders.from_df(df, procs=[Normalize], cont_names=[c for c in df if c != 'target'], y_names='target',
+                                          y_block=CategoryBlock(), valid_idx=valid_idx, bs=16, num_workers=0)
+    with pytest.raises(ValueError, match=r'`data\(1\)` returned other training or held-out items'):
+        compare(make, learner=partial(tabular_learner, layers=[8]), methods=('ce',), epochs=1, seeds=(0, 1), verbose=False)
+
+
 def test_own_data_needs_a_learner():
     with pytest.raises(ValueError, match='pass `learner=`'): compare(_wine_dls()[0], epochs=1, seeds=(0,))
 
