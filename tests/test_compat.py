@@ -14,7 +14,7 @@ from cskd_fastai.all import CSKD, paired_dls
 from compat_cases import CASES, Data, Skip, run_case, image_dls, tiny_cnn, fit_checked, train_labels
 
 PAGE = Path(__file__).resolve().parent.parent/'nbs'/'works_with.ipynb'
-_outcomes = {}       # (what, partner) -> 'pass' / 'fail' / 'skip', for the cases run in this session
+_outcomes = {}       # (what, partner) -> 'pass' / 'fail' / 'skip', for the cases run in this pytest run
 
 
 @pytest.fixture(scope='module')
@@ -83,8 +83,8 @@ def test_page_lists_every_case():
 
 
 def test_page_shows_the_outcomes_just_measured():
-    "Runs after the cases (file order): each case run in this session has the outcome the page shows"
-    if not _outcomes: pytest.skip('no case of the matrix ran in this session')
+    "Runs after the cases (file order): each case run in this pytest run has the outcome the page shows"
+    if not _outcomes: pytest.skip('no case of the matrix ran in this pytest run')
     rows = _page_rows()
     diff = {k: (rows.get(k), v) for k, v in _outcomes.items() if rows.get(k) != v}
     assert not diff, f"the page shows (page, now) {diff}: run `python tests/compat_cases.py --page`"
