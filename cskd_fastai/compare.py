@@ -505,6 +505,8 @@ EVIDENCE = [
          files=('regime_study', ['ce_s0_f010'], ['cskd_s0_f010'])),
     dict(run='CIFAR-10, 1,000 images, 30 of 200 epochs (compressed schedule), 1 seed', ce_gap=9.9, d_ece=-6.6,
          files=('regime_study', ['ce_s0_f015'], ['cskd_s0_f015'])),
+    dict(run='CIFAR-10, 1,000 images, 40 of 200 epochs (compressed schedule), 1 seed', ce_gap=12.8, d_ece=-12.0,
+         files=('regime_study', ['ce_s0_f020'], ['cskd_s0_f020'])),
     dict(run='CIFAR-10, 2,000 images, resnet10t, 20 epochs, 3 seeds', ce_gap=17.7, d_ece=-13.9,
          files=('cifar10_study', ['ce/0', 'ce/1', 'ce/2'], ['cskd/0', 'cskd/1', 'cskd/2'])),
     dict(run='CIFAR-10, 1,000 images, 60 of 200 epochs (compressed schedule), 1 seed', ce_gap=22.2, d_ece=-14.1,
