@@ -283,7 +283,7 @@ BAD = [
     ('label too big', GOOD_P, torch.tensor([0, 2]), r'\[0, 1\]'),
     ('negative label', GOOD_P, torch.tensor([0, -1]), r'\[0, 1\]'),
     ('fractional label', GOOD_P, torch.tensor([0., 0.5]), 'integer'),
-    ('2-d targs', GOOD_P, torch.tensor([[0], [1]]), '1-d'),
+    ('2-d targs', GOOD_P, torch.tensor([[0, 1], [1, 0]]), '1-d'),      # (n, 1), one target column, is accepted
     ('string probs', [['a', 'b'], ['c', 'd']], GOOD_Y, 'numbers'),
     ('ragged probs', [[0.5, 0.5], [1.]], GOOD_Y, 'array of numbers|rectangular'),
 ]
