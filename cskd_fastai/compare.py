@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/compare.html.md"""
 
 # %% ../nbs/06_compare.ipynb #ccf4429d
 from __future__ import annotations
-import argparse, json, math, os, sys, tempfile, time, warnings
+import argparse, hashlib, json, math, os, sys, tempfile, time, traceback, warnings
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -180,6 +180,21 @@ class _Source:
         self.n_train = len(ds) if self.train_idx is None else len(self.train_idx)
         self.n_calib = 0 if self.calib_idx is None else len(self.calib_idx)
         self.n_heldout = len(dls.valid_ds) if self.heldout_idx is None else len(self.heldout_idx)
+        self.fingerprint = self._fingerprint()
+
+    def _rel(self, o) -> str:
+        "An item's name, relative to the data's folder for files (a moved or re-extracted folder keeps its hash)"
+        root = Path(self._last.path)
+        return (o.relative_to(root) if isinstance(o, Path) and o.is_relative_to(root) else o).__str__()
+
+    def _fingerprint(self) -> str:
+        "A hash of the split: the training and held-out labels, the items, and the train/calibration/held-out positions"
+        h = hashlib.sha256()
+        for part in [*self._split, self.train_idx, self.calib_idx, self.heldout_idx]:
+            h.update(b'|' if part is None else np.ascontiguousarray(np.asarray(part, dtype=np.int64)).tobytes())
+        for which in ('train', 'calib'):
+            h.update(b'|'); h.update('\n'.join(map(self._rel, self.items(which) or [])).encode())
+        return h.hexdigest()[:16]
 
     def _base(self, seed):
         if self.dsets is not None: return self.dsets.dataloaders(**self.dl_kw)
@@ -238,11 +253,11 @@ def _measures(P, y, n_bins) -> dict:
                 adaptive_ece=float(s['adaptive_ece']), conf_gap=conf - (1 - float(s['top1_error'])))
 
 def _preds(learn, dl) -> tuple:
-    "Probabilities (float32; the loss's activation, else softmax) and labels (int64, one per item) of `dl`"
+    "Probabilities (float64, so that the temperature fit sees log-probabilities below float32's range; the loss's activation, else softmax) and labels (int64, one per item) of `dl`"
     act = getattr(learn.loss_func, 'activation', None) or partial(F.softmax, dim=-1)
     p, y = learn.get_preds(dl=dl, act=noop)
-    p = act(torch.Tensor.as_subclass(p, torch.Tensor).float())
-    return p.numpy().astype(np.float32), torch.Tensor.as_subclass(y, torch.Tensor).reshape(len(p), -1)[:, 0].numpy().astype(np.int64)
+    p = act(torch.Tensor.as_subclass(p, torch.Tensor).double())
+    return p.numpy().astype(np.float64), torch.Tensor.as_subclass(y, torch.Tensor).reshape(len(p), -1)[:, 0].numpy().astype(np.int64)
 
 def _run(src, m, seed, make_learner, lam, T, epochs, lr, n_bins, verbose):
     "Train method `m` with `seed`; return its record, its arrays, its per-epoch curve and its learner"
@@ -264,7 +279,7 @@ def _run(src, m, seed, make_learner, lam, T, epochs, lr, n_bins, verbose):
         train_err = math.nan
         if tdl is not None:
             p, y = _preds(learn, tdl); train_err = float((p.argmax(1) != y).mean())
-        cp, cy = _preds(learn, cdl) if cdl is not None else (np.zeros((0, probs.shape[1]), np.float32), np.zeros(0, np.int64))
+        cp, cy = _preds(learn, cdl) if cdl is not None else (np.zeros((0, probs.shape[1])), np.zeros(0, np.int64))
     rec = dict(method=m, seed=seed, **_measures(probs, targs, n_bins), train_err=train_err, s_per_epoch=s_per_epoch)
     return rec, dict(probs=probs, targs=targs, calib_probs=cp, calib_targs=cy), curve, learn
 
@@ -273,7 +288,7 @@ def _ts_run(m, rec, arrays, n_bins):
     T = fit_temperature(arrays['calib_probs'], arrays['calib_targs'])
     P = apply_temperature(arrays['probs'], T).numpy()
     return (dict(rec, method=m, **_measures(P, arrays['targs'], n_bins), temperature=T),
-            dict(arrays, probs=P.astype(np.float32)))
+            dict(arrays, probs=P.astype(np.float64)))
 
 # %% ../nbs/06_compare.ipynb #86e0dcfc
 def _atomic_write(path:Path, write):
@@ -379,7 +394,7 @@ def compare(
         arch_name = arch
     else: arch_name = None
     img = src.builtin
-    config = dict(data=src.name, split=src.split, n_train=src.n_train, n_calib=src.n_calib, n_heldout=src.n_heldout,
+    config = dict(data=src.name, split=src.split, split_hash=src.fingerprint, n_train=src.n_train, n_calib=src.n_calib, n_heldout=src.n_heldout,
                   learner=None if arch_name else _name_of(learner), arch=arch_name, pretrained=pretrained if arch_name else None,
                   epochs=epochs, lr=lr, lam=lam, T=T, calib_pct=calib_pct, n_per_class=src.n_per_class,
                   n_heldout_per_class=n_heldout_per_class, bs=bs if img else None, size=size if img else None,
@@ -669,6 +684,10 @@ def main(argv=None):
     a = vars(_parser().parse_args(argv)); a.pop('command')
     try: res = compare(**a)
     except (FileNotFoundError, ValueError) as e:
+        # bad input is found before training and gets one line; an error raised while training keeps its traceback
+        if any(f.name == '_run' and Path(f.filename).name == 'compare.py' for f in traceback.extract_tb(e.__traceback__)):
+            saved = f"; finished runs are saved in {a['out']}" if a['out'] else ""
+            print(f"cskd-fastai: a run failed while training{saved}. The traceback:", file=sys.stderr); raise
         print(f"cskd-fastai: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         done = len(list((Path(a['out'])/'runs').glob('*.json'))) if a['out'] else 0

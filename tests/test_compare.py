@@ -162,3 +162,24 @@ def test_train_error_and_confidence_gap_are_what_the_predictions_say():
     with torch.no_grad(): q = learn.model(x)
     assert 0 <= res.loc['ce', 'train_err'] <= 1 and len(y) == 200
     assert res.loc['ce', 'train_err'] == pytest.approx(float((q.argmax(1) != y).float().mean()), abs=1e-6)
+
+
+def test_predictions_keep_probabilities_below_float32s_range():
+    "A logit 150 below the top one: its probability (e^-150) is kept, so the '+ts' temperature sees the model's real log-odds"
+    import torch
+    from torch import nn
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.torch_core import TensorBase
+    from cskd_fastai.compare import _preds
+    x = torch.tensor([[150., 0., 10.], [0., 30., 0.]])
+    y = torch.tensor([1, 1])
+    dl = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=2, device='cpu').valid
+    model = nn.Linear(3, 3)
+    with torch.no_grad(): model.weight.copy_(torch.eye(3)); model.bias.zero_()      # the logits are the inputs
+    learn = Learner(DataLoaders(dl, dl), model, loss_func=nn.CrossEntropyLoss())
+    with learn.no_bar(): P, t = _preds(learn, dl)
+    assert (t == [1, 1]).all()
+    x64 = x.double().numpy()
+    expected = x64 - (x64.max(1, keepdims=True) + np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1, keepdims=True)))
+    np.testing.assert_allclose(np.log(P), expected, rtol=1e-6, atol=1e-9)     # log p = -150 for the first item's class 1

@@ -108,3 +108,29 @@ def test_temperature_is_fitted_on_calibration_items_only(monkeypatch):
     T = res.loc['ce+ts', 'temperature']
     assert nll(np.log(T)) <= best.fun + 1e-7 and T == pytest.approx(float(np.exp(best.x)), rel=5e-2)
     assert T != pytest.approx(1., abs=0.05)                       # a fitted temperature, not the identity
+
+
+def test_a_changed_split_under_the_same_name_is_refused(tmp_path, capsys):
+    "The folder's name and every option unchanged, one training image relabelled: the saved runs belong to another split"
+    from cskd_fastai.datasets import digits_folder
+    root = digits_folder(tmp_path/'digits')
+    args = _args(methods=('ce',)) + ['--data', str(root), '--out', str(tmp_path/'res')]
+    assert main(args) == 0
+    capsys.readouterr()
+    f = sorted((root/'train'/'3').glob('*.png'))[-1]      # past the first 10 of its class: only the labels show the change
+    f.rename(root/'train'/'5'/f.name)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert 'another configuration' in err and 'split_hash' in err
+
+
+def test_error_while_training_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    "Bad input is one line before any training; an error raised inside a run is not shortened to one line"
+    import cskd_fastai.compare as C
+    assert main(_args(methods=('ce',)) + ['--lam', '-1']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('cskd-fastai: error:') and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    def boom(*a, **k): raise ValueError("boom inside a run")
+    monkeypatch.setattr(C, '_measures', boom)
+    with pytest.raises(ValueError, match='boom inside a run'): main(_args(methods=('ce',)) + ['--out', str(tmp_path/'r')])
+    assert 'failed while training' in capsys.readouterr().err
