@@ -44,7 +44,7 @@ def _kl(target, anchor, T):
 def _lam(cb, learn): return float(cb.lam(learn.pct_train)) if callable(cb.lam) else float(cb.lam)
 
 
-def _regularizers(learn):
+def rnn_regularizers(learn):
     "What fastai's `RNNRegularizer` (text learners) adds to the loss after `CSKD`: its AR and TAR terms, recomputed"
     reg, rnn = getattr(learn, 'rnn_regularizer', None), getattr(learn, 'rnn', None)
     if reg is None or rnn is None: return 0.
@@ -94,7 +94,7 @@ class PairCheck(Callback):
         lam, T = _lam(cb, self.learn), cb.T
         target = self._partner_logits(getattr(cb.source, 'train', True))
         pred = _plain(self.learn.pred.detach()).float()
-        base = self.learn.loss_func(self.learn.pred.detach(), *[y[:n] for y in self.yall]) + _regularizers(self.learn)
+        base = self.learn.loss_func(self.learn.pred.detach(), *[y[:n] for y in self.yall]) + rnn_regularizers(self.learn)
         kd = _kl(target, pred, T).mean()
         torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kd).float(),
                                    rtol=self.tol, atol=self.tol)
@@ -129,7 +129,7 @@ class CacheCheck(Callback):
         pidx = torch.as_tensor(cb.source.partner_idx).cpu() if lam > 0 else self.pos
         assert torch.equal(self.labels[pidx], self.labels[self.pos]), "a cached partner of another class"
         kd = (_kl(self.table[pidx], pred, T)*self.seen[pidx]).mean()
-        base = (self.learn.loss_func(self.learn.pred.detach(), self.y) + _regularizers(self.learn)).cpu()
+        base = (self.learn.loss_func(self.learn.pred.detach(), self.y) + rnn_regularizers(self.learn)).cpu()
         torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float().cpu(), _plain(base + lam*T**2*kd).float(),
                                    rtol=self.tol, atol=self.tol)
         self.table[self.pos] = pred.clamp(-6e4, 6e4).half().float(); self.seen[self.pos] = True
@@ -647,18 +647,27 @@ def run_all(root=None, cases=CASES, verbose=False):
         return res
 
 
-def markdown_table(results) -> str:
-    "The outcomes as one markdown table per group (an *expected* column where the cases of a group expect different things)"
-    out, icon = [], {'pass': '✅ works', 'fail': '❌ fails', 'skip': '➖ not run here'}
+_ICON = {'pass': '✅ works', 'fail': '❌ fails', 'skip': '➖ not run here'}
+
+def _tables(results):
+    """The outcomes a group at a time, what both table formats show: the group, the expectation its cases share (None
+    where they differ: then each row has an *expected* column), the column names and each row's cells as plain text"""
     for g in dict.fromkeys(r['group'] for r in results):
         rs = [r for r in results if r['group'] == g]
         same = len({r['expect'] for r in rs}) == 1
-        out += [f"### {g}", ''] + ([f"Expected of each: {rs[0]['expect']}.", ''] if same else [])
         cols = ['what you do', 'partner'] + ([] if same else ['expected']) + ['outcome', 'details']
+        rows = [[r['what'], r['partner']] + ([] if same else [r['expect']]) + [_ICON[r['status']], r['note']] for r in rs]
+        yield g, (rs[0]['expect'] if same else None), cols, rows
+
+
+def markdown_table(results) -> str:
+    "The outcomes as one markdown table per group (an *expected* column where the cases of a group expect different things)"
+    out = []
+    for g, expect, cols, rows in _tables(results):
+        out += [f"### {g}", ''] + ([f"Expected of each: {expect}.", ''] if expect is not None else [])
         out += ['| ' + ' | '.join(cols) + ' |', '|' + '---|'*len(cols)]
-        for r in rs:
-            cells = [f"`{r['what']}`" if g == 'Data' else r['what'], r['partner']] + ([] if same else [r['expect']])
-            cells += [icon[r['status']], r['note']]
+        for cells in rows:
+            if g == 'Data': cells = [f"`{cells[0]}`"] + cells[1:]
             out.append('| ' + ' | '.join(str(c).replace('|', '\\|') for c in cells) + ' |')
         out.append('')
     return '\n'.join(out)
@@ -667,16 +676,13 @@ def markdown_table(results) -> str:
 def html_table(results) -> str:
     "The same tables as `markdown_table`, in HTML (what the docs site shows)"
     from html import escape
-    out, icon = [], {'pass': '✅ works', 'fail': '❌ fails', 'skip': '➖ not run here'}
-    for g in dict.fromkeys(r['group'] for r in results):
-        rs = [r for r in results if r['group'] == g]
-        same = len({r['expect'] for r in rs}) == 1
-        out += [f"<h3>{escape(g)}</h3>"] + ([f"<p>Expected of each: {escape(rs[0]['expect'])}.</p>"] if same else [])
-        cols = ['what you do', 'partner'] + ([] if same else ['expected']) + ['outcome', 'details']
+    out = []
+    for g, expect, cols, rows in _tables(results):
+        out += [f"<h3>{escape(g)}</h3>"] + ([f"<p>Expected of each: {escape(expect)}.</p>"] if expect is not None else [])
         out += ['<table>', '<thead><tr>' + ''.join(f'<th>{c}</th>' for c in cols) + '</tr></thead>', '<tbody>']
-        for r in rs:
-            cells = [f"<code>{escape(r['what'])}</code>" if g == 'Data' else escape(r['what']), escape(r['partner'])]
-            cells += ([] if same else [escape(r['expect'])]) + [icon[r['status']], escape(r['note'])]
+        for cells in rows:
+            cells = [escape(c) for c in cells]
+            if g == 'Data': cells[0] = f"<code>{cells[0]}</code>"
             out.append('<tr>' + ''.join(f'<td>{c}</td>' for c in cells) + '</tr>')
         out += ['</tbody>', '</table>']
     return '\n'.join(out)

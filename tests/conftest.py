@@ -7,6 +7,7 @@ import pytest
 import torch
 from fastai.vision.all import *
 from cskd_fastai.all import *
+from compat_cases import rnn_regularizers    # fastai's AR and TAR terms, recomputed (also the docs' matrix uses it)
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
 torch.set_num_threads(int(os.environ.get("CSKD_TEST_THREADS", 2)))   # 1 leaves a core to a background job
@@ -49,16 +50,6 @@ def cnn_learner(dls, cbs=None, **kwargs):
 
 def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
 def first_logits(out): return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def rnn_regularizers(learn):
-    "What fastai's `RNNRegularizer` (text learners) adds to the loss after `CSKD`: its AR and TAR terms, recomputed"
-    reg, rnn = getattr(learn, 'rnn_regularizer', None), getattr(learn, 'rnn', None)
-    if reg is None or rnn is None: return 0.
-    res, h = 0., rnn.raw_out
-    if reg.alpha: res += reg.alpha*rnn.out.detach().float().pow(2).mean()
-    if reg.beta and len(h) > 1: res += reg.beta*(h[:, 1:] - h[:, :-1]).detach().float().pow(2).mean()
-    return res
 
 
 class FormulaCheck(Callback):

@@ -36,12 +36,13 @@ from fastai.vision.learner import vision_learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.callback.schedule import SchedLin, SchedNo, combine_scheds
-from fastai.torch_core import set_seed, TensorCategory
+from fastai.torch_core import set_seed
 from cskd_fastai.callback import CSKD
 from cskd_fastai.metrics import ece, nll, fit_temperature, apply_temperature
 from cskd_fastai.datasets import image_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # tools/, for `_cifar` also when this file is loaded by path
+from _cifar import MEAN, STD, ImageTensors, pad_crop_flip, train_batch, eval_batch
 
-MEAN,STD = torch.tensor([0.4914, 0.4822, 0.4465]),torch.tensor([0.2470, 0.2435, 0.2616])
 PRE_CLASSES,FT_CLASSES = range(0, 5),range(5, 10)      # CIFAR-10's classes in sorted order: airplane..deer, dog..truck
 N_PRE,N_HELD,PRE_EPOCHS,ARCH,BS,LR = 500,100,15,'resnet10t',32,3e-3
 
@@ -81,28 +82,6 @@ def first_per_class(x, y, n):
     "The first `n` items of each class"
     keep = torch.cat([torch.nonzero(y == c).flatten()[:n] for c in y.unique()])
     return x[keep], y[keep]
-
-class ImageTensors(torch.utils.data.Dataset):
-    "Images held as one uint8 tensor; `targets` lets `cskd_fastai` read the labels without loading images"
-    def __init__(self, x, y): self.x,self.y,self.targets = x,y,y
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return self.x[i], self.y[i]
-
-def _normalize(x): return (x.float()/255 - MEAN[:,None,None]) / STD[:,None,None]
-
-def pad_crop_flip(x, pad=4):
-    "Each image its own random 32-px crop of the zero-padded image and its own random horizontal flip"
-    n,c,h,w = x.shape
-    xp = F.pad(x, (pad,)*4)
-    i,j = torch.randint(0, 2*pad+1, (n,)),torch.randint(0, 2*pad+1, (n,))
-    x = xp.gather(2, (i[:,None] + torch.arange(h))[:,None,:,None].expand(n,c,h,w+2*pad))
-    x = x.gather(3, (j[:,None] + torch.arange(w))[:,None,None,:].expand(n,c,h,w))
-    flip = torch.rand(n) < 0.5
-    x[flip] = x[flip].flip(3)
-    return x
-
-def train_batch(b): return (_normalize(pad_crop_flip(b[0])), TensorCategory(b[1]), *b[2:])
-def eval_batch(b):  return (_normalize(b[0]), TensorCategory(b[1]), *b[2:])
 
 def make_dls(train, valid, n_classes, bs=BS):
     "fastai's defaults for the training loader (shuffled, last partial batch dropped); `valid` for the fit table's columns"
