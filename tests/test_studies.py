@@ -202,6 +202,15 @@ def test_regime_notebook_quotes_the_figures():
         if d['pass - ce']['err']['n'] >= 3:
             for a in ('pass - ce', 'cskd - pass'):
                 quotes += [f2(d[a][k]['mean'], True) for k in ('err', 'nll', 'ece')] + [interval(d[a][k]) for k in ('err', 'nll', 'ece')]
+            # the partners page quotes the ECE split of the 3 seeds
+            page = ' '.join(md_text(ROOT/'nbs'/'02_partners.ipynb').split())
+            for a in ('pass - ce', 'cskd - pass'):
+                q = f"{f2(d[a]['ece']['mean'], True)} points {interval(d[a]['ece'])}" if a == 'pass - ce' else \
+                    f"{f2(d[a]['ece']['mean'], True)} {interval(d[a]['ece'])}"
+                assert q in page, q
+            assert d['cskd - pass']['ece']['hi'] < 0 and d['cskd - pass']['nll']['hi'] < 0
+            if all(d['pass - ce'][k]['lo'] < 0 < d['pass - ce'][k]['hi'] for k in ('err', 'nll', 'ece')):
+                assert 'no clear difference in any of the three' in text.lower()
         else: assert 'nothing can be concluded' in text
     missing = [q for q in quotes if q not in text]
     assert not missing, missing
