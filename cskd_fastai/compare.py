@@ -76,7 +76,7 @@ def _check_methods(methods) -> list:
     return res
 
 # %% ../nbs/06_compare.ipynb #53943838
-DIGITS_PER_CLASS = 30   # the bundled default: few enough images that 30 epochs fit them
+DIGITS_PER_CLASS = 30   # the bundled default: few enough images that the default 20 epochs fit them
 
 def _image_dblock(size, flip, **kwargs):
     "The image recipe of folder and CSV data: resize, light augmentation (flips unless `flip` is False)"
@@ -360,7 +360,7 @@ def compare(
     methods:list[str]=('ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts'), # Methods to compare (`METHODS`), each optionally followed by '+ts': the same model with a temperature fitted on the calibration items
     learner=None, # In Python: a function of (dls, cbs=, metrics=, loss_func=) returning a `Learner`, e.g. `tabular_learner`; None: `vision_learner` with `arch`
     arch:str='resnet10t', # A timm model name, or a fastai/torchvision one (e.g. 'xresnet18'), for image data
-    epochs:int=30, # Epochs of `fit_one_cycle`
+    epochs:int=20, # Epochs of `fit_one_cycle`
     lr:float=3e-3, # Maximum learning rate
     lam:float=1., # CS-KD weight λ
     T:float=4., # CS-KD temperature

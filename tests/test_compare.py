@@ -1,5 +1,5 @@
 "The `cskd-fastai compare` command and the `compare` runner, end to end on the bundled digits"
-import json, os, shutil, subprocess, sys, tarfile
+import inspect, json, os, shutil, subprocess, sys, tarfile
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -47,7 +47,8 @@ def test_default_one_epoch_writes_results(tmp_path):
               'CS-KD + temperature vs cross-entropy + temperature, NLL:',
               'nothing can be concluded about its sign', 'Regime: cross-entropy ends', 'regime_study', 'One seed']:
         assert s in r.stdout, s
-    assert '30 epochs' not in r.stdout and 'default 30' not in r.stdout     # the note speaks of no run length but the study's
+    d = inspect.signature(compare).parameters['epochs'].default
+    assert f'the {d} epochs' not in r.stdout and f'default {d}' not in r.stdout     # the note speaks of no run length but the studies'
     assert ' better ' not in r.stdout and ' worse ' not in r.stdout          # one seed: no sign
     names = {f.name for f in out.iterdir()}
     assert names == {'config.json', 'runs', 'results.json', 'results.csv', 'predictions.npz', 'curves.csv', 'reliability.png', 'curves.png'}
