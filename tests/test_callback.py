@@ -534,12 +534,12 @@ def test_second_cskd_is_refused_naming_the_first(small_dls):
     _fit_ok(learn)                                                  # the learner trains on with its own CSKD
     assert learn.formula_check.checked == len(small_dls.train)
     # the documented exception: fastai adds a fit's callbacks before its try, so one listed before the refused CSKD stays
-    class X(Callback): pass
-    with pytest.raises(ValueError, match='already has'): learn.fit(1, cbs=[X(), CSKD()])
-    assert learn.x is not None and sum(isinstance(c, CSKD) for c in learn.cbs) == 1
-    learn.remove_cb(X)
-    with pytest.raises(ValueError, match='already has'): learn.fit(1, cbs=[CSKD(), X()])   # listed first: nothing is added
-    assert not [c for c in learn.cbs if isinstance(c, X)]
+    class Marker(Callback): pass
+    with pytest.raises(ValueError, match='already has'): learn.fit(1, cbs=[Marker(), CSKD()])
+    assert isinstance(learn.marker, Marker) and sum(isinstance(c, CSKD) for c in learn.cbs) == 1
+    learn.remove_cb(Marker)
+    with pytest.raises(ValueError, match='already has'): learn.fit(1, cbs=[CSKD(), Marker()])   # listed first: nothing is added
+    assert not [c for c in learn.cbs if isinstance(c, Marker)]
 
 
 def test_a_cskd_serves_one_learner(small_dls):
