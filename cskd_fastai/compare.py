@@ -148,11 +148,17 @@ def _subset_ds(ds, idxs, split_idx:int):
     raise TypeError(f"Cannot take a subset of a {type(ds).__name__}: a fastai `Datasets` or `TabularPandas` is needed.")
 
 # %% ../nbs/06_compare.ipynb #fa36824a
+_HELD_OUT_BYTES = 2**28   # image folders and CSVs: held-out items kept in memory up to this size
+
+class _Items(list):
+    "Items after their item transforms, as the held-out split's dataset (`split_idx` 1)"
+    split_idx = 1
+
 class _Source:
     "Loaders for each run over a fixed split: training items, calibration items, held-out items"
     def __init__(self, data, calib_pct, n_per_class, n_heldout_per_class, bs, size, flip, valid_pct, workers):
         if not 0 <= calib_pct < 1: raise ValueError(f"`calib_pct` must be in [0, 1), got {calib_pct}.")
-        self.dsets = self.fn = self.dls0 = None
+        self.dsets = self.fn = self.dls0 = self._held_out = None
         self.builtin = data is None or isinstance(data, (str, Path))
         if self.builtin:
             if data is None and n_per_class is None: n_per_class = DIGITS_PER_CLASS
@@ -222,7 +228,17 @@ class _Source:
         if not self.subsettable: return DataLoaders(d.train.new(), d.valid, path=d.path, device=d.device)
         train = d.train.new(dataset=_subset_ds(d.train_ds, self.train_idx, 0))
         valid = d.valid if len(self.heldout_idx) == len(d.valid_ds) else d.valid.new(dataset=_subset_ds(d.valid_ds, self.heldout_idx, 1))
+        if self.builtin: valid = self._in_memory(valid)
         return DataLoaders(train, valid, path=d.path, device=d.device)
+
+    def _in_memory(self, dl):
+        "Loader `dl` over its items as its item transforms leave them, computed once (up to `_HELD_OUT_BYTES`)"
+        if self._held_out is None:
+            dl.before_iter()          # the transforms' split, as iterating `dl` sets it
+            n, first = len(dl.dataset), dl.do_item(0)
+            size = n*sum(o.nbytes for o in first if isinstance(o, torch.Tensor))
+            self._held_out = _Items(dl.do_item(i) for i in range(n)) if size <= _HELD_OUT_BYTES else False
+        return dl if self._held_out is False else dl.new(dataset=self._held_out, after_item=None)
 
     def items(self, which:str):
         "The 'train' or 'calib' items (file names; the table's index labels for items in a `DataFrame`), or None"
@@ -231,11 +247,11 @@ class _Source:
         sub = _take(self._last.train_ds.items, idx)
         return list(sub.index) if isinstance(sub, (pd.DataFrame, pd.Series)) else list(sub)
 
-    def eval_dl(self, dls, which:str):
-        "A loader over the 'train' or 'calib' items in evaluation mode (unaugmented, in order), or None"
+    def eval_dl(self, which:str):
+        "A loader over the 'train' or 'calib' items of the last `dls(seed)` in evaluation mode (unaugmented, in order), or None"
         idx = self.train_idx if which == 'train' else self.calib_idx
         if idx is None or not len(idx): return None
-        return dls.valid.new(dataset=_subset_ds(self._last.train_ds, idx, 1), shuffle=False, drop_last=False)
+        return self._last.valid.new(dataset=_subset_ds(self._last.train_ds, idx, 1), shuffle=False, drop_last=False)
 
 # %% ../nbs/06_compare.ipynb #1c641dd5
 class _TrainTimer(Callback):
@@ -275,7 +291,7 @@ def _run(src, m, seed, make_learner, lam, T, epochs, lr, n_bins, verbose):
     with ExitStack() as stack:
         if not verbose: stack.enter_context(learn.no_bar())   # get_preds draws a bar of its own
         probs, targs = _preds(learn, learn.dls.valid.new(shuffle=False, drop_last=False))
-        tdl, cdl = src.eval_dl(dls, 'train'), src.eval_dl(dls, 'calib')
+        tdl, cdl = src.eval_dl('train'), src.eval_dl('calib')
         train_err = math.nan
         if tdl is not None:
             p, y = _preds(learn, tdl); train_err = float((p.argmax(1) != y).mean())

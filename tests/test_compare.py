@@ -184,3 +184,22 @@ def test_predictions_keep_probabilities_below_float32s_range():
     x64 = x.double().numpy()
     expected = x64 - (x64.max(1, keepdims=True) + np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1, keepdims=True)))
     np.testing.assert_allclose(np.log(P), expected, rtol=1e-6, atol=1e-9)     # log p = -150 for the first item's class 1
+
+
+def test_held_out_images_in_memory_change_nothing(monkeypatch):
+    "Image folders: the held-out items kept in memory give the batches, and the results, of fastai's own loader"
+    import torch
+    import cskd_fastai.compare as C
+    kw = dict(methods=('ce', 'ce+ts'), epochs=1, seeds=(0,), n_per_class=10, verbose=False)
+    args = (None, 0.2, None, None, 64, 32, None, 0.2, None)
+    kept = C._Source(*args).dls(0)
+    assert isinstance(kept.valid.dataset, C._Items)
+    a = compare(**kw)
+    monkeypatch.setattr(C, '_HELD_OUT_BYTES', 0)                  # too big to keep: fastai's loader as it is
+    plain = C._Source(*args).dls(0)
+    assert not isinstance(plain.valid.dataset, C._Items) and len(plain.valid.dataset) == len(kept.valid.dataset)
+    for x, y in zip(kept.valid.new(shuffle=False), plain.valid.new(shuffle=False)):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    b = compare(**kw)
+    for k, v in a.attrs['preds'].items(): np.testing.assert_allclose(v, b.attrs['preds'][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert a.loc['ce+ts', 'temperature'] == pytest.approx(b.loc['ce+ts', 'temperature'], rel=1e-4)
