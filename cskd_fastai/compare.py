@@ -151,8 +151,10 @@ def _subset_ds(ds, idxs, split_idx:int):
 _HELD_OUT_BYTES = 2**28   # image folders and CSVs: held-out items kept in memory up to this size
 
 class _Items(list):
-    "Items after their item transforms, as the held-out split's dataset (`split_idx` 1)"
+    "Held-out items after their item transforms, with the split and the `decode` (for `show_results`) of dataset `ds`"
     split_idx = 1
+    def __init__(self, items, ds): super().__init__(items); self.ds = ds
+    def decode(self, o, full=True): return self.ds.decode(o, full=full)
 
 class _Source:
     "Loaders for each run over a fixed split: training items, calibration items, held-out items"
@@ -237,8 +239,10 @@ class _Source:
             dl.before_iter()          # the transforms' split, as iterating `dl` sets it
             n, first = len(dl.dataset), dl.do_item(0)
             size = n*sum(o.nbytes for o in first if isinstance(o, torch.Tensor))
-            self._held_out = _Items(dl.do_item(i) for i in range(n)) if size <= _HELD_OUT_BYTES else False
-        return dl if self._held_out is False else dl.new(dataset=self._held_out, after_item=None)
+            self._held_out = _Items([dl.do_item(i) for i in range(n)], dl.dataset) if size <= _HELD_OUT_BYTES else False
+        # the loader keeps its item transforms: on transformed items they find nothing to do (`Resize` and `ToTensor`
+        # take PIL images), and their `decode` serves `show_batch`
+        return dl if self._held_out is False else dl.new(dataset=self._held_out)
 
     def items(self, which:str):
         "The 'train' or 'calib' items (file names; the table's index labels for items in a `DataFrame`), or None"

@@ -195,6 +195,9 @@ def test_held_out_images_in_memory_change_nothing(monkeypatch):
     kept = C._Source(*args).dls(0)
     assert isinstance(kept.valid.dataset, C._Items)
     a = compare(**kw)
+    import matplotlib; matplotlib.use('Agg')
+    learn = a.attrs['learners']['ce']
+    with learn.no_bar(): learn.show_results(max_n=2)            # decoded as fastai's loader decodes: labels and images
     monkeypatch.setattr(C, '_HELD_OUT_BYTES', 0)                  # too big to keep: fastai's loader as it is
     plain = C._Source(*args).dls(0)
     assert not isinstance(plain.valid.dataset, C._Items) and len(plain.valid.dataset) == len(kept.valid.dataset)

@@ -233,6 +233,13 @@ def test_front_page_study_numbers_match_the_saved_results():
     assert f'top-1 error, {_pm(err_cskd, 1)}% against {_pm(err_ce, 1)}%, is no clear gain' in readme
     lo, hi = _paired_interval(err_ce, err_cskd)
     assert lo < 0 < hi and f'[{_num(lo, 1)}, {_num(hi, 1, plus=True)}] points, spans zero' in readme
+    import statistics
+    ctl = _runs('pass')                                                  # the partner-pass control, same seeds
+    assert [r['seed'] for r in ctl] == [r['seed'] for r in ce]
+    ece_ctl = col(ctl, 'test_ece', 100)
+    for a, b, said in [(ece_ce, ece_ctl, 'moved ECE by'), (ece_ctl, ece_cskd, 'against that control by')]:
+        m, (lo, hi) = statistics.mean(y - x for x, y in zip(a, b)), _paired_interval(a, b)
+        assert f'{said} {_num(m, 1)}' in readme and f'[{_num(lo, 1)}, {_num(hi, 1, plus=True)}]' in readme, said
     ts_ce, ts_cskd = col(ce, 'ts_ece', 100), col(cskd, 'ts_ece', 100)
     assert sum(ts_ce) < sum(ts_cskd)                                     # temperature-scaled CE is the better calibrated
     assert f'calibrated cross-entropy better (ECE {_pm(ts_ce, 1)}%) than CS-KD with its own ({_pm(ts_cskd, 1)}%)' in readme
