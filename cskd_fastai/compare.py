@@ -173,6 +173,7 @@ class _Source:
         elif callable(data): self.fn, self.name, self.split = data, f"{getattr(data, '__qualname__', type(data).__name__)}(seed)", 'valid'
         else: raise ValueError(f"`data` must be a folder, a .tgz, a CSV, a `DataLoaders`, a function of the seed or None; got {type(data).__name__}.")
         self.flip, self.n_per_class = flip, n_per_class
+        self.root = (Path(self.name).parent if self.name.lower().endswith('.csv') else Path(self.name)) if self.builtin else None
         dls = self._last = self._base(0)
         ds = dls.train_ds
         self.subsettable = _can_subset(ds)
@@ -190,18 +191,23 @@ class _Source:
         self.n_heldout = len(dls.valid_ds) if self.heldout_idx is None else len(self.heldout_idx)
         self.fingerprint = self._fingerprint()
 
-    def _rel(self, o) -> str:
-        "An item's name, relative to the data's folder for files (a moved or re-extracted folder keeps its hash)"
-        root = Path(self._last.path)
-        return (o.relative_to(root) if isinstance(o, Path) and o.is_relative_to(root) else o).__str__()
+    def _names(self, items) -> list[str]:
+        "Names that identify `items` from run to run: files (relative to the data's folder), strings, integers; a table's first column"
+        if isinstance(items, pd.DataFrame): items = items.iloc[:, 0]
+        root = self.root or Path(self._last.path)
+        return [str(o.relative_to(root) if isinstance(o, Path) and o.is_relative_to(root) else o)
+                for o in (items.tolist() if isinstance(items, pd.Series) else items) if isinstance(o, (str, Path, int, np.integer))]
 
     def _fingerprint(self) -> str:
-        "A hash of the split: the training and held-out labels, the items, and the train/calibration/held-out positions"
+        "A hash of the split: the training and held-out labels, the train/calibration/held-out positions, and the items' names"
         h = hashlib.sha256()
         for part in [*self._split, self.train_idx, self.calib_idx, self.heldout_idx]:
             h.update(b'|' if part is None else np.ascontiguousarray(np.asarray(part, dtype=np.int64)).tobytes())
-        for which in ('train', 'calib'):
-            h.update(b'|'); h.update('\n'.join(map(self._rel, self.items(which) or [])).encode())
+        d = self._last
+        for ds, idx in ((d.train_ds, self.train_idx), (d.train_ds, self.calib_idx), (d.valid_ds, self.heldout_idx)):
+            items = getattr(ds, 'items', None)
+            if items is None or idx is None: continue
+            h.update(b'|'); h.update('\n'.join(self._names(_take(items, idx))).encode())
         return h.hexdigest()[:16]
 
     def _base(self, seed):
@@ -251,11 +257,11 @@ class _Source:
         sub = _take(self._last.train_ds.items, idx)
         return list(sub.index) if isinstance(sub, (pd.DataFrame, pd.Series)) else list(sub)
 
-    def eval_dl(self, which:str):
-        "A loader over the 'train' or 'calib' items of the last `dls(seed)` in evaluation mode (unaugmented, in order), or None"
+    def eval_dl(self, dl, which:str):
+        "Held-out loader `dl` (the learner's: it has the learner's batch transforms) over the 'train' or 'calib' items, or None"
         idx = self.train_idx if which == 'train' else self.calib_idx
         if idx is None or not len(idx): return None
-        return self._last.valid.new(dataset=_subset_ds(self._last.train_ds, idx, 1), shuffle=False, drop_last=False)
+        return dl.new(dataset=_subset_ds(self._last.train_ds, idx, 1), shuffle=False, drop_last=False)
 
 # %% ../nbs/06_compare.ipynb #1c641dd5
 class _TrainTimer(Callback):
@@ -295,11 +301,13 @@ def _run(src, m, seed, make_learner, lam, T, epochs, lr, n_bins, verbose):
     with ExitStack() as stack:
         if not verbose: stack.enter_context(learn.no_bar())   # get_preds draws a bar of its own
         probs, targs = _preds(learn, learn.dls.valid.new(shuffle=False, drop_last=False))
-        tdl, cdl = src.eval_dl('train'), src.eval_dl('calib')
+        tdl, cdl = src.eval_dl(learn.dls.valid, 'train'), src.eval_dl(learn.dls.valid, 'calib')
         train_err = math.nan
         if tdl is not None:
             p, y = _preds(learn, tdl); train_err = float((p.argmax(1) != y).mean())
         cp, cy = _preds(learn, cdl) if cdl is not None else (np.zeros((0, probs.shape[1])), np.zeros(0, np.int64))
+    if isinstance(learn.dls.valid.dataset, _Items):    # the learner handed back reads files again: `predict`, `export`
+        learn.dls.loaders[1] = learn.dls.valid.new(dataset=learn.dls.valid.dataset.ds)
     rec = dict(method=m, seed=seed, **_measures(probs, targs, n_bins), train_err=train_err, s_per_epoch=s_per_epoch)
     return rec, dict(probs=probs, targs=targs, calib_probs=cp, calib_targs=cy), curve, learn
 
@@ -705,8 +713,10 @@ def main(argv=None):
     try: res = compare(**a)
     except (FileNotFoundError, ValueError) as e:
         # bad input is found before training and gets one line; an error raised while training keeps its traceback
-        if any(f.name == '_run' and Path(f.filename).name == 'compare.py' for f in traceback.extract_tb(e.__traceback__)):
-            saved = f"; finished runs are saved in {a['out']}" if a['out'] else ""
+        inside = {(f.__code__.co_filename, f.__name__) for f in (_run, _ts_run)}
+        if any((f.filename, f.name) in inside for f in traceback.extract_tb(e.__traceback__)):
+            done = len(list((Path(a['out'])/'runs').glob('*.json'))) if a['out'] else 0
+            saved = f"; {done} finished run(s) are saved in {a['out']}" if done else ""
             print(f"cskd-fastai: a run failed while training{saved}. The traceback:", file=sys.stderr); raise
         print(f"cskd-fastai: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
