@@ -151,10 +151,9 @@ def _subset_ds(ds, idxs, split_idx:int):
 _HELD_OUT_BYTES = 2**28   # image folders and CSVs: held-out items kept in memory up to this size
 
 class _Items(list):
-    "Held-out items after their item transforms, with the split and the `decode` (for `show_results`) of dataset `ds`"
+    "Held-out items after their item transforms, as the held-out split (`split_idx` 1) of dataset `ds`"
     split_idx = 1
     def __init__(self, items, ds): super().__init__(items); self.ds = ds
-    def decode(self, o, full=True): return self.ds.decode(o, full=full)
 
 class _Source:
     "Loaders for each run over a fixed split: training items, calibration items, held-out items"
@@ -245,9 +244,9 @@ class _Source:
             dl.before_iter()          # the transforms' split, as iterating `dl` sets it
             n, first = len(dl.dataset), dl.do_item(0)
             size = n*sum(o.nbytes for o in first if isinstance(o, torch.Tensor))
-            self._held_out = _Items([dl.do_item(i) for i in range(n)], dl.dataset) if size <= _HELD_OUT_BYTES else False
+            self._held_out = _Items([first] + [dl.do_item(i) for i in range(1, n)], dl.dataset) if size <= _HELD_OUT_BYTES else False
         # the loader keeps its item transforms: on transformed items they find nothing to do (`Resize` and `ToTensor`
-        # take PIL images), and their `decode` serves `show_batch`
+        # take PIL images), and `eval_dl` builds on it the loaders of the training and calibration files
         return dl if self._held_out is False else dl.new(dataset=self._held_out)
 
     def items(self, which:str):
@@ -283,7 +282,7 @@ def _preds(learn, dl) -> tuple:
     act = getattr(learn.loss_func, 'activation', None) or partial(F.softmax, dim=-1)
     p, y = learn.get_preds(dl=dl, act=noop)
     p = act(torch.Tensor.as_subclass(p, torch.Tensor).double())
-    return p.numpy().astype(np.float64), torch.Tensor.as_subclass(y, torch.Tensor).reshape(len(p), -1)[:, 0].numpy().astype(np.int64)
+    return np.asarray(p.numpy(), dtype=np.float64), torch.Tensor.as_subclass(y, torch.Tensor).reshape(len(p), -1)[:, 0].numpy().astype(np.int64)
 
 def _run(src, m, seed, make_learner, lam, T, epochs, lr, n_bins, verbose):
     "Train method `m` with `seed`; return its record, its arrays, its per-epoch curve and its learner"
@@ -316,7 +315,7 @@ def _ts_run(m, rec, arrays, n_bins):
     T = fit_temperature(arrays['calib_probs'], arrays['calib_targs'])
     P = apply_temperature(arrays['probs'], T).numpy()
     return (dict(rec, method=m, **_measures(P, arrays['targs'], n_bins), temperature=T),
-            dict(arrays, probs=P.astype(np.float64)))
+            dict(arrays, probs=P))
 
 # %% ../nbs/06_compare.ipynb #86e0dcfc
 def _atomic_write(path:Path, write):
