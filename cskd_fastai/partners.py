@@ -58,6 +58,23 @@ def _still_bn_stats(model):
     finally:
         for m in bns: m.track_running_stats = True
 
+def _dropout_types() -> tuple:
+    "The module classes whose training mode means random dropping: torch's dropouts and dropout in RNNs, fastai's AWD-LSTM dropouts, timm's DropPath/DropBlock"
+    from fastai.text.models.awdlstm import RNNDropout, WeightDropout, EmbeddingDropout
+    from timm.layers import DropPath, DropBlock2d
+    return (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RNNBase,
+            RNNDropout, WeightDropout, EmbeddingDropout, DropPath, DropBlock2d)
+
+@contextmanager
+def _dropout_off(model):
+    "Every dropout module of `model` (see `_dropout_types`) in eval mode, the rest as it is; each put back as it was"
+    ts = _dropout_types()
+    off = [m for m in model.modules() if isinstance(m, ts) and m.training]
+    for m in off: m.training = False          # this module only: its children (e.g. WeightDropout's LSTM) keep their mode
+    try: yield
+    finally:
+        for m in off: m.training = True
+
 def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
 
 def _autocast_like(learn):
@@ -89,8 +106,9 @@ class PartnerForward:
     def __init__(self,
         train:bool=True, # Run the partner forward in training mode (the paper) or in eval mode
         bn_stats:bool=True, # In training mode, let the partners update BatchNorm's running statistics (the paper's code)
+        dropout:bool=True, # In training mode, keep dropout active in the partner pass (False: dropout modules in eval mode, the rest in training mode)
         get_logits:callable|None=None, # The logits in the model's output; None: the output, or its first element if it is a tuple or list
-    ): self.train,self.bn_stats,self.get_logits,self.xb,self.logits = train,bn_stats,get_logits,None,None
+    ): self.train,self.bn_stats,self.dropout,self.get_logits,self.xb,self.logits = train,bn_stats,dropout,get_logits,None,None
 
     def loader(self, dl, index:ClassIndex|None=None):
         "A `PairedDL` over `dl` pairing by `index` (`dl` itself if it is a `PairedDL` with that index)"
@@ -114,8 +132,9 @@ class PartnerForward:
         xb,self.xb = tuple(map(_plain, self.xb)),None
         if _non_native_fp16(learn): xb = to_half(xb)
         model = _unwrap_ddp(learn.model)
-        mode = (nullcontext() if self.bn_stats else _still_bn_stats(model)) if self.train else _all_eval(model)
-        with torch.no_grad(), _autocast_like(learn), mode, _kept_state(model): out = model(*xb)
+        if self.train: bn,drop = nullcontext() if self.bn_stats else _still_bn_stats(model),nullcontext() if self.dropout else _dropout_off(model)
+        else: bn,drop = _all_eval(model),nullcontext()
+        with torch.no_grad(), _autocast_like(learn), bn, drop, _kept_state(model): out = model(*xb)
         logits = self.logits_of(out)
         if not isinstance(logits, torch.Tensor):
             raise ValueError(f"The partners' logits must be a tensor, got {type(logits).__name__} from the model's output: "
@@ -131,7 +150,7 @@ class PartnerForward:
     def update(self, learn): self.xb = self.logits = None
     def __repr__(self):
         gl = '' if self.get_logits is None else f", get_logits={getattr(self.get_logits, '__name__', self.get_logits)}"
-        return f"{type(self).__name__}(train={self.train}, bn_stats={self.bn_stats}{gl})"
+        return f"{type(self).__name__}(train={self.train}, bn_stats={self.bn_stats}, dropout={self.dropout}{gl})"
 
 # %% ../nbs/02_partners.ipynb #d8071096
 def _all_gather_rows(t):

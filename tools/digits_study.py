@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ('ce', 'cskd', 'pass')        # 'pass': CS-KD's partner pass without the KD term (the control)
+METHODS = ('ce', 'cskd', 'pass', 'cskd-nodrop', 'cskd-nodrop-lam2')
+# 'pass': CS-KD's partner pass without the KD term (the control); 'cskd-nodrop': CS-KD with the partner pass's dropout
+# modules in eval mode (`PartnerForward(dropout=False)`), at λ=1 and λ=2
 GRID = ((10, 60), (10, 30), (30, 30), (30, 60), (30, 15), (100, 30), (10, 15), (100, 60))   # (images per class, epochs)
 
 def run_name(n, epochs, method, seed): return f"n{n:03d}_e{epochs:03d}_{method}_s{seed}"
@@ -53,11 +55,14 @@ def one_run(n, epochs, method, seed, out):
     from fastai.metrics import accuracy
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
     from cskd_fastai.callback import CSKD, PartnerPassOnly
+    from cskd_fastai.partners import PartnerForward
     from cskd_fastai.metrics import ece, nll
     db, ds = _dsets(n)
     set_seed(seed, reproducible=True)
     dls = ds.dataloaders(bs=64, after_item=db.item_tfms, after_batch=db.batch_tfms, num_workers=0)
-    cbs = {'ce': [], 'cskd': [CSKD()], 'pass': [PartnerPassOnly()]}[method]
+    cbs = {'ce': [], 'cskd': [CSKD(partner=PartnerForward(dropout=True))], 'pass': [PartnerPassOnly()],
+           'cskd-nodrop': [CSKD(partner=PartnerForward(dropout=False))],
+           'cskd-nodrop-lam2': [CSKD(lam=2., partner=PartnerForward(dropout=False))]}[method]
     learn = vision_learner(dls, 'resnet10t', pretrained=False, metrics=accuracy, cbs=cbs)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3)
@@ -86,11 +91,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default='nbs/tutorials/digits_study')
     p.add_argument('--grid', nargs='*', default=None, help="points as n:epochs (default: all of GRID)")
-    p.add_argument('--methods', nargs='*', default=list(METHODS), choices=METHODS)
+    p.add_argument('--methods', nargs='*', default=list(METHODS[:3]), choices=METHODS)
+    p.add_argument('--threads', type=int, default=1, help="torch threads")
     p.add_argument('--seeds', nargs='*', type=int, default=[0, 1, 2])
     p.add_argument('--list', action='store_true')
     a = p.parse_args(argv)
     warnings.filterwarnings('ignore', category=FutureWarning)
+    torch.set_num_threads(a.threads)
     grid = GRID if a.grid is None else [tuple(map(int, g.split(':'))) for g in a.grid]
     out = Path(a.out)
     runs = [(n, e, m, s) for (n, e) in grid for s in a.seeds for m in a.methods]

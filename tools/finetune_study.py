@@ -38,6 +38,7 @@ from fastai.metrics import accuracy
 from fastai.callback.schedule import SchedLin, SchedNo, combine_scheds
 from fastai.torch_core import set_seed
 from cskd_fastai.callback import CSKD
+from cskd_fastai.partners import PartnerForward
 from cskd_fastai.metrics import ece, nll, fit_temperature, apply_temperature
 from cskd_fastai.datasets import image_folder
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # tools/, for `_cifar` also when this file is loaded by path
@@ -149,6 +150,9 @@ METHODS = {   # name: (loss function or None, callbacks for both fits, callbacks
     'cskd-warmup':  (None, lambda: [CSKD(lam=lam_warmup())], lambda: []),
     'cskd-lam0.25': (None, lambda: [CSKD(lam=0.25)], lambda: []),
     'cskd-T2':      (None, lambda: [CSKD(T=2.)], lambda: []),
+    'cskd-nodrop':  (None, lambda: [CSKD(partner=PartnerForward(dropout=False))], lambda: []),   # partner pass without dropout
+    'cskd-drop':    (None, lambda: [CSKD(partner=PartnerForward(dropout=True))], lambda: []),    # partner pass with dropout
+    'cskd-nodrop-lam2': (None, lambda: [CSKD(lam=2., partner=PartnerForward(dropout=False))], lambda: []),
 }
 
 def fine_tune(learn, epochs, base_lr=LR, unfrozen_cbs=None, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.):
@@ -240,13 +244,21 @@ def main(argv=None):
     p.add_argument('--only', nargs='*', default=None, help="run names to run (default: all, in order)")
     p.add_argument('--max-runs', type=int, default=None, help="stop after this many runs")
     p.add_argument('--threads', type=int, default=1, help="torch threads")
+    p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS),
+                   help="with --sizes: run these methods at these sizes, `fine_tune(8)`, over --seeds (instead of the plan)")
+    p.add_argument('--sizes', nargs='*', type=int, default=None, help="images per class, with --methods")
+    p.add_argument('--seeds', nargs='*', type=int, default=[0, 1, 2], help="seeds, with --methods")
+    p.add_argument('--n-pre', type=int, default=N_PRE, help="pretraining images per class for the stand-in backbone")
+    p.add_argument('--pre-epochs', type=int, default=PRE_EPOCHS, help="pretraining epochs for the stand-in backbone")
     p.add_argument('--list', action='store_true', help="list the runs, done or not, and exit")
     p.add_argument('--smoke', action='store_true', help="tiny data, 1 epoch, 2 runs, into a temporary folder: tests the script")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     if a.smoke: out = Path(tempfile.mkdtemp(prefix='finetune_smoke_'))
-    runs = [r for r in run_list() if a.only is None or run_name(*r) in a.only]
+    if (a.methods is None) != (a.sizes is None): p.error("--methods and --sizes go together")
+    plan = run_list() if a.methods is None else [(m, n, MAIN_EPOCHS, s) for s in a.seeds for n in a.sizes for m in a.methods]
+    runs = [r for r in plan if a.only is None or run_name(*r) in a.only]
     if a.list:
         done = sum((out/f'{run_name(*r)}.json').exists() for r in runs)
         for r in runs: print(run_name(*r), 'done' if (out/f'{run_name(*r)}.json').exists() else '-')
@@ -262,8 +274,8 @@ def main(argv=None):
             print(json.dumps({k:v for k,v in r.items() if k not in ('history', 'classes')}))
         print(f"smoke results in {out}")
         return
-    d = load_images(a.data, n_ft=max(SIZES), cache_dir=cache)
-    body = pretrained_body(d, cache, out)
+    d = load_images(a.data, n_pre=a.n_pre, n_ft=max(SIZES), cache_dir=cache)
+    body = pretrained_body(d, cache, out, epochs=a.pre_epochs)
     todo = [r for r in runs if not (out/f'{run_name(*r)}.json').exists()]
     print(f"{len(runs)-len(todo)} of {len(runs)} runs done; {len(todo)} to go", flush=True)
     for i,r in enumerate(todo[:a.max_runs]):
