@@ -6,3 +6,4 @@ from .partners import *
 from .callback import *
 from .metrics import *
 from .interpret import *
+from .calibrate import *

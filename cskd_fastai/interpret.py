@@ -109,7 +109,7 @@ class CalibrationInterpretation(Interpretation):
         act=None, # Activation making probabilities of the outputs; default: the loss's `activation`, else softmax
         name:str|None=None, # Label of the model in plots and tables
     ):
-        "One `get_preds` pass over `dl` (default `learn.dls[ds_idx]`): probabilities, labels and per-item losses"
+        "One `get_preds` pass over `dl` (default `learn.dls[ds_idx]`): probabilities, labels and per-item losses; a calibrated learner's are named '<name> + TS'"
         if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
         if act is None: act = getattr(learn.loss_func, 'activation', None) or partial(F.softmax, dim=-1)
         with_loss = _per_item_losses(learn.loss_func)
@@ -119,8 +119,12 @@ class CalibrationInterpretation(Interpretation):
         if not isinstance(preds, torch.Tensor):
             raise ValueError(f"The model's outputs must be one (N, K) tensor, got {type(preds).__name__}.")
         probs = act(torch.Tensor.as_subclass(preds, torch.Tensor).float())
-        return cls(probs, targs, name=name, vocab=_dl_vocab(dl, probs.shape[-1]), learn=learn, dl=dl,
-                   losses=losses[0] if losses else None, act=act)
+        T = getattr(getattr(learn, 'temperature_scaling', None), 'T', None)   # calibrated by `Learner.calibrate`: get_preds used logits/T
+        if T is not None: name = f"{'model' if name is None else name} + TS"
+        res = cls(probs, targs, name=name, vocab=_dl_vocab(dl, probs.shape[-1]), learn=learn, dl=dl,
+                  losses=losses[0] if losses else None, act=act)
+        res.temperature = T
+        return res
 
     def _need_learner(self, what):
         if self.learn is None or self.dl is None:
