@@ -153,6 +153,8 @@ METHODS = {   # name: (loss function or None, callbacks for both fits, callbacks
     'cskd-nodrop':  (None, lambda: [CSKD(partner=PartnerForward(dropout=False))], lambda: []),   # partner pass without dropout
     'cskd-drop':    (None, lambda: [CSKD(partner=PartnerForward(dropout=True))], lambda: []),    # partner pass with dropout
     'cskd-nodrop-lam2': (None, lambda: [CSKD(lam=2., partner=PartnerForward(dropout=False))], lambda: []),
+    'cskd-nodrop-lam0.25': (None, lambda: [CSKD(lam=0.25, partner=PartnerForward(dropout=False))], lambda: []),
+    'cskd-nodrop-unfrozen': (None, lambda: [], lambda: [CSKD(partner=PartnerForward(dropout=False))]),
 }
 
 def fine_tune(learn, epochs, base_lr=LR, unfrozen_cbs=None, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.):
