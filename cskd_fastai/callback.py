@@ -15,8 +15,10 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
-from .data import _is_distributed_dl, class_index, PairedDL, IndexedDL
+from fastcore.basics import noop
+from .data import class_index, PairedDL, IndexedDL
 from .partners import check_number, partner_source, PartnerForward, PartnerCache
+from ._internals import is_distributed_dl, add_column, log_value, fit_running
 
 # %% auto #0
 __all__ = ['cskd_loss', 'CSKD', 'PartnerPassOnly']
@@ -47,14 +49,64 @@ def _check_lam(lam):
     return lam
 
 # %% ../nbs/03_callback.ipynb #2dafaf84
+def _cskd_of(learn, but=None):
+    "The `CSKD` among `learn`'s callbacks, other than `but`; None if there is none"
+    return next((c for c in learn.cbs if isinstance(c, CSKD) and c is not but), None)
+
 class _CSKDColumn(Callback):
-    "Names `CSKD`'s `kd_loss` column: after `Recorder` sets the column names, before the loggers print them"
+    "`CSKD`'s `kd_loss` column: named as a fit starts, after `Recorder` names its columns; filled after it logs each epoch's validation"
     order = Recorder.order+1
+    def __init__(self): self.named,self.trained = False,False
     def before_fit(self):
-        rec = getattr(self.learn, 'recorder', None)
-        if rec is None: return                                   # no recorder, no table: nothing to name
-        names,at = rec.metric_names,-1 if rec.add_time else None
-        rec.metric_names = names[:at] + ['kd_loss'] + (names[at:] if at else [])
+        if _cskd_of(self.learn) is None: return self.learn.remove_cb(self)     # its CSKD left during the last fit
+        self.named = add_column(self.learn, 'kd_loss')
+    def before_epoch(self): self.trained = False
+    def before_train(self): self.trained = True
+    def after_validate(self):
+        cskd = _cskd_of(self.learn)
+        if self.named and self.trained: log_value(self.learn, None if cskd is None else cskd.kd_value)
+    def after_fit(self):
+        self.named = False
+        if _cskd_of(self.learn) is None: self.learn.remove_cb(self)
+
+    @classmethod
+    def follow(cls, cskd, old, new):
+        "Join learner `new` with its first `CSKD`; leave `old` with its last one, or at the end of the fit that has the column"
+        if new is not None and not any(isinstance(c, cls) for c in new.cbs): new.add_cb(cls())
+        if new is None and old is not None and _cskd_of(old, but=cskd) is None:
+            old.remove_cbs([c for c in old.cbs if isinstance(c, cls) and not (c.named and fit_running(old))])
+
+# %% ../nbs/03_callback.ipynb #c0c01a03
+def _one_cskd(cb, learn):
+    "Refuse to attach `cb` to `learn` when `cb` serves another learner, or when `learn` has a `CSKD` already"
+    old = cb.learn
+    if old is not None and old is not learn and cb in old.cbs:
+        raise ValueError(f"This {cb!r} is already a callback of another Learner, and a fastai callback serves one learner "
+                         "(it keeps `self.learn`): give each learner its own `CSKD(...)`, or take it off the other one first "
+                         "(`other_learn.remove_cb(cb)`).")
+    other = _cskd_of(learn, but=cb)
+    if other is not None:
+        raise ValueError(f"One CS-KD per learner: this learner already has {other!r}, and a second one, {cb!r}, was added "
+                         "(`fit(cbs=CSKD())` on a learner built with `cbs=CSKD()`, or two in `cbs`). Keep one; "
+                         "`learn.remove_cb(CSKD)` takes the learner's off.")
+
+# %% ../nbs/03_callback.ipynb #c0c01a05
+def _warn_setup(learn):
+    "Warn of a tracker monitoring `kd_loss`, and of a loss function that sums over the batch"
+    for c in learn.cbs:
+        if isinstance(c, TrackerCallback) and c.monitor == 'kd_loss':
+            warnings.warn(f"`{type(c).__name__}` monitors `kd_loss`, CS-KD's training term, not a measure of the model: "
+                          "it is smallest where all predictions are alike (as at the start of training) and grows with λ "
+                          "(e.g. a λ schedule). Monitor `valid_loss` or a metric instead.", stacklevel=3)
+    if getattr(learn.loss_func, 'reduction', None) == 'sum':
+        warnings.warn("The loss function sums over the batch (`reduction='sum'`), and CS-KD's KD term is a mean over the "
+                      "anchors, so next to it the KD term weighs λ/batch size. Use a mean loss (`reduction='mean'`, fastai's "
+                      "default), or multiply `lam` by the batch size.", stacklevel=3)
+
+def _weights_id(model) -> torch.Tensor:
+    "A fingerprint of `model`'s weights, each parameter's sum and norm: it changes when other weights are loaded"
+    return torch.tensor([[p.detach().sum(dtype=torch.float64).item(), torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()]
+                         for p in model.parameters()], dtype=torch.float64)
 
 # %% ../nbs/03_callback.ipynb #25ed3ce6
 class CSKD(Callback):
@@ -67,7 +119,7 @@ class CSKD(Callback):
         cache_mb:float|None=None, # With `partner='cache'`: the cache's memory budget in MiB (1,024 if None)
     ):
         self.lam,self.T = _check_lam(lam),check_number('T', T, strict=True)
-        self.source,self.kd_value,self._index = partner_source(partner, cache_mb),None,None
+        self.source,self.kd_value,self._index,self._weights = partner_source(partner, cache_mb),None,None,None
 
     def __repr__(self):
         lam = f"{self.lam:g}" if not callable(self.lam) else getattr(self.lam, '__name__', type(self.lam).__name__)
@@ -77,21 +129,11 @@ class CSKD(Callback):
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, learn):
-        "Attached (`add_cb`) to one learner, as its only `CSKD`; it gets the `kd_loss` column's companion. Detached (`remove_cb`)"
+        "Attach (`add_cb`) to one learner as its only `CSKD` (`_one_cskd`), with its `kd_loss` column (`_CSKDColumn`); detach (`remove_cb`)"
         old = self.learn
-        if learn is not None and old is not None and old is not learn and self in old.cbs:
-            raise ValueError(f"This {self!r} is already a callback of another Learner, and a fastai callback serves one learner "
-                             "(it keeps `self.learn`): give each learner its own `CSKD(...)`, or take it off the other one first "
-                             "(`other_learn.remove_cb(cb)`).")
-        other = None if learn is None else next((c for c in learn.cbs if isinstance(c, CSKD) and c is not self), None)
-        if other is not None:
-            raise ValueError(f"One CS-KD per learner: this learner already has {other!r}, and a second one, {self!r}, was added "
-                             "(`fit(cbs=CSKD())` on a learner built with `cbs=CSKD()`, or two in `cbs`). Keep one; "
-                             "`learn.remove_cb(CSKD)` takes the learner's off.")
+        if learn is not None: _one_cskd(self, learn)
         self.__dict__['_learn'] = learn
-        if learn is not None and not any(isinstance(c, _CSKDColumn) for c in learn.cbs): learn.add_cb(_CSKDColumn())
-        if learn is None and old is not None and not any(isinstance(c, CSKD) and c is not self for c in old.cbs):
-            old.remove_cbs([c for c in old.cbs if isinstance(c, _CSKDColumn)])
+        _CSKDColumn.follow(self, old, learn)
 
     @property
     def lam_now(self) -> float:
@@ -99,24 +141,21 @@ class CSKD(Callback):
         return float(self.lam(self.pct_train)) if callable(self.lam) else self.lam
 
     def before_fit(self):
-        "Warn of a tracker monitoring `kd_loss`; the class index is read in this fit"
-        for c in self.learn.cbs:
-            if isinstance(c, TrackerCallback) and c.monitor == 'kd_loss':
-                warnings.warn(f"`{type(c).__name__}` monitors `kd_loss`, CS-KD's training term, not a measure of the model: "
-                              "it is smallest where all predictions are alike (as at the start of training) and grows with λ "
-                              "(e.g. a λ schedule). Monitor `valid_loss` or a metric instead.", stacklevel=2)
+        "Warn of settings that change what `kd_loss` means; clear a source's state of other weights; the class index is read in this fit"
+        _warn_setup(self.learn)
+        if self._weights is not None and not torch.equal(self._weights, _weights_id(self.model)): getattr(self.source, 'clear', noop)()
         self._index = None
 
-    def before_epoch(self): self.kd_value,self._trained = None,False
+    def before_epoch(self): self.kd_value = None
 
     def before_train(self):
         "Train on the partner source's loader over the plain loader (`DistributedTrainer` shards it afterwards), by this fit's class index"
         self._train_dl = self.dl
-        dl = self.dl.dl if _is_distributed_dl(self.dl) else self.dl
+        dl = self.dl.dl if is_distributed_dl(self.dl) else self.dl
         if self._index is None: self._index = dl.index if isinstance(dl, (PairedDL, IndexedDL)) else class_index(dl)
         self._wrapped = self.source.loader(dl, self._index)
         self.learn.dl = self._wrapped
-        self._kd_sum,self._kd_n,self._trained = 0.,0,True
+        self._kd_sum,self._kd_n = 0.,0
 
     def before_batch(self):
         "Take partners (or positions) off the batch: the model and other callbacks see anchors only; then let the source prepare"
@@ -153,7 +192,7 @@ class CSKD(Callback):
         self._kd_sum,self._kd_n = self._kd_sum + kd.detach()*bs,self._kd_n + bs
 
     def after_train(self):
-        "The phase's mean KD term, over all processes in distributed training"
+        "The phase's mean KD term (`kd_value`), over all processes in distributed training"
         s,n = self._kd_sum,self._kd_n
         if num_distrib() > 1:
             t = torch.tensor([float(s), n], dtype=torch.float64, device=self.dls.device)
@@ -168,13 +207,7 @@ class CSKD(Callback):
         self._wrapped = self._train_dl = None
     def after_cancel_train(self): self._put_back()
     def after_cancel_fit(self): self._put_back()
-
-    def after_epoch(self):
-        "Write the phase's mean KD term into the recorder's log (`kd_loss` column)"
-        rec = getattr(self.learn, 'recorder', None)
-        if self._trained and rec is not None and hasattr(rec, 'log'): rec.log.append(self.kd_value)
-
-    def after_fit(self): self._index = None
+    def after_fit(self): self._index,self._weights = None,_weights_id(self.model)
 
 # %% ../nbs/03_callback.ipynb #f094a851
 class PartnerPassOnly(CSKD):

@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #4e1a113d
 from __future__ import annotations
-import random, sys, warnings
+import random, warnings
 from copy import copy
 
 import numpy as np
@@ -19,6 +19,7 @@ from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, DataLoaders, compose_tfms
 from fastai.data.block import DataBlock
 from fastai.data.transforms import ColReader, ItemGetter
+from ._internals import is_distributed_dl, loader_settings, keeping_random
 
 # %% auto #0
 __all__ = ['label_array', 'item_labels', 'ClassIndex', 'class_index', 'PairedDL', 'split_pairs', 'paired_dls', 'IndexedDL']
@@ -190,12 +191,6 @@ def class_index(dl, labels=None) -> ClassIndex:
                       f"itself: {', '.join(names)}{more}.", stacklevel=2)
     return res
 
-# %% ../nbs/00_data.ipynb #40694900
-def _is_distributed_dl(dl):
-    "Whether `dl` is fastai's `DistributedDL` (checked without importing `fastai.distributed`, which needs accelerate)"
-    ddl = getattr(sys.modules.get('fastai.distributed'), 'DistributedDL', None)
-    return ddl is not None and isinstance(dl, ddl)
-
 # %% ../nbs/00_data.ipynb #4790d31d
 class _WrappedDL(DataLoader):
     "A loader over the items of training loader `dl` that loads them with `dl`'s own machinery, and knows their classes"
@@ -209,20 +204,22 @@ class _WrappedDL(DataLoader):
         if isinstance(dl, _WrappedDL):
             if index is None and labels is None: index = dl.index
             dl = dl.dl
-        if _is_distributed_dl(dl): raise ValueError(f"Wrap the plain loader, then shard it: `DistributedDL({name}(dl))`, "
-                                                    f"not `{name}(DistributedDL(dl))`.")
+        if isinstance(dl, torch.utils.data.DataLoader):
+            raise ValueError("CS-KD trains on fastai `DataLoader`s (it loads each anchor's partner through the training loader), and "
+                             "this training loader is PyTorch's `torch.utils.data.DataLoader`. Build it with fastai over the same "
+                             "dataset: `DataLoaders.from_dsets(train_ds, valid_ds, bs=64)`, or `fastai.data.load.DataLoader(train_ds, "
+                             "bs=64, shuffle=True, drop_last=True)` as the training loader (the validation loader can stay as it is).")
+        if is_distributed_dl(dl): raise ValueError(f"Wrap the plain loader, then shard it: `DistributedDL({name}(dl))`, "
+                                                   f"not `{name}(DistributedDL(dl))`.")
         if getattr(dl, 'bs', None) is None: raise ValueError(f"{name} needs a batched loader (`bs` is None).")
         if not getattr(dl, 'indexed', True): raise ValueError(f"{name} needs an indexed (map-style) dataset.")
         self.dl = dl
         self.index = index if index is not None else class_index(dl, labels)
         if dl.n is not None and len(self.index) != dl.n:
             raise ValueError(f"Got {len(self.index)} labels for a loader of {dl.n} items.")
-        fake = dl.fake_l
-        state = random.getstate()   # DataLoader.__init__ draws from `random`: keep the global stream untouched
-        try: super().__init__(dl.dataset, bs=dl.bs, num_workers=fake.num_workers, pin_memory=dl.pin_memory,
-                              timeout=dl.timeout, shuffle=dl.shuffle, drop_last=dl.drop_last, indexed=dl.indexed,
-                              n=dl.n, device=dl.device, persistent_workers=fake.persistent_workers)
-        finally: random.setstate(state)
+        with keeping_random():      # the global stream as it was: a seeded run shuffles alike with and without CS-KD
+            super().__init__(dl.dataset, bs=dl.bs, pin_memory=dl.pin_memory, timeout=dl.timeout, shuffle=dl.shuffle,
+                             drop_last=dl.drop_last, indexed=dl.indexed, n=dl.n, device=dl.device, **loader_settings(dl))
 
     def create_batches(self, samps):
         "Batches of `bs` samples, each loaded through the wrapped loader (`_load`) and collated (`_collate`)"

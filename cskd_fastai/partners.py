@@ -6,16 +6,18 @@ Docs: https://cskd-fastai.readthedocs.io/partners.html.md"""
 
 # %% ../nbs/02_partners.ipynb #496d7eb4
 from __future__ import annotations
-import math, weakref
+import math, numbers, weakref
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parameter import is_lazy
 from fastai.torch_core import find_bs, num_distrib, to_half
 from fastai.callback.fp16 import NonNativeMixedPrecision
 from .data import ClassIndex, PairedDL, IndexedDL, split_pairs
+from ._internals import autocast_like, kept_module_state, uncount_rows
 
 # %% auto #0
 __all__ = ['check_number', 'PartnerForward', 'PartnerCache', 'partner_source']
@@ -23,14 +25,15 @@ __all__ = ['check_number', 'PartnerForward', 'PartnerCache', 'partner_source']
 # %% ../nbs/02_partners.ipynb #a59df46b
 def check_number(
     name:str, # The argument's name, for the error message
-    v, # The value: a Python number or a one-element tensor
+    v, # The value: a Python or NumPy number (of any int or float type), or a one-element tensor or array
     min:float=0., # The smallest value allowed
     strict:bool=False, # Refuse `min` itself
 ) -> float:
     "`v` as a float, or a `ValueError` naming `name` when it is not a finite number `>= min` (`> min` if `strict`)"
-    if isinstance(v, bool) or not (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
+    one = (torch.is_tensor(v) and v.numel() == 1) or (isinstance(v, np.ndarray) and v.size == 1 and v.dtype.kind in 'iuf')
+    if isinstance(v, (bool, np.bool_)) or not (isinstance(v, numbers.Real) or one):
         raise ValueError(f"`{name}` must be a number, got {v!r}.")
-    v = float(v)
+    v = float(v.item() if one else v)
     if not math.isfinite(v): raise ValueError(f"`{name}` must be finite, got {v}.")
     if v < min or (strict and v == min): raise ValueError(f"`{name}` must be {'>' if strict else '>='} {min:g}, got {v:g}.")
     return v
@@ -49,14 +52,22 @@ def _all_eval(model):
     finally:
         for m,t in modes: m.training = t
 
+def _running_stats(m):
+    "The running statistics of normalisation layer `m` (BatchNorm's, or InstanceNorm's when it tracks them)"
+    return [b for b in (getattr(m, k, None) for k in ('running_mean', 'running_var', 'num_batches_tracked')) if isinstance(b, torch.Tensor)]
+
 @contextmanager
-def _still_bn_stats(model):
-    "BatchNorm layers in training mode normalise with the batch's statistics but leave their running averages as they are"
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in bns: m.track_running_stats = False     # training mode: batch statistics, running buffers not passed on
+def _kept_running_stats(model):
+    "The running statistics of `model`'s normalisation layers in training mode put back after the block, bit for bit"
+    ms = [m for m in model.modules() if m.training and getattr(m, 'track_running_stats', False) and _running_stats(m)]
+    saved = [None if any(map(is_lazy, _running_stats(m))) else [b.clone() for b in _running_stats(m)] for m in ms]
     try: yield
     finally:
-        for m in bns: m.track_running_stats = True
+        with torch.no_grad():
+            for m,s in zip(ms, saved):
+                if s is None: m.reset_running_stats()           # a lazy layer this forward set up: its initial statistics
+                else:
+                    for b,v in zip(_running_stats(m), s): b.copy_(v)
 
 def _dropout_types() -> tuple:
     "The module classes whose training mode means random dropping: torch's dropouts and dropout in RNNs, fastai's AWD-LSTM dropouts, timm's DropPath/DropBlock"
@@ -76,21 +87,6 @@ def _dropout_off(model):
         for m in off: m.training = True
 
 def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
-
-def _autocast_like(learn):
-    "An autocast region with the settings of `learn`'s `MixedPrecision` (a no-op without one, or where it is disabled)"
-    ac = getattr(getattr(learn, 'mixed_precision', None), 'autocast', None)
-    if ac is None or not getattr(ac, '_enabled', False): return nullcontext()
-    return torch.autocast(ac.device, dtype=ac.fast_dtype)
-
-@contextmanager
-def _kept_state(model):
-    "What a forward reassigns on `model`'s stateful modules (those with `reset`, e.g. `AWD_LSTM.hidden`), put back after"
-    saved = [(m, {k:v for k,v in vars(m).items() if not k.startswith('_') and k != 'training'})
-             for m in model.modules() if callable(getattr(m, 'reset', None))]
-    try: yield
-    finally:
-        for m,d in saved: m.__dict__.update(d)
 
 def _first(out):
     "The logits in a model's output: the output, or its first element if it is a tuple or list (fastai's convention)"
@@ -124,17 +120,16 @@ class PartnerForward:
         "Anchors stay in `learn.xb`/`learn.yb`; the partner inputs are put aside"
         if not len(learn.yb): raise ValueError("CS-KD needs single-label class targets; this batch has none.")
         (learn.xb, self.xb), (learn.yb, _) = split_pairs(learn.xb), split_pairs(learn.yb)
-        if hasattr(learn.dl, 'i') and isinstance(getattr(learn.dl, 'dl', None), PairedDL):
-            learn.dl.i -= find_bs(learn.yb)                  # fastai's `DistributedDL` counts anchors only
+        if isinstance(getattr(learn.dl, 'dl', None), PairedDL): uncount_rows(learn.dl, find_bs(learn.yb))   # `DistributedDL` counts anchors only
 
     def prepare(self, learn):
         "Run the partners through the model without gradient, before the anchors' forward; stateful modules are put back"
         xb,self.xb = tuple(map(_plain, self.xb)),None
         if _non_native_fp16(learn): xb = to_half(xb)
         model = _unwrap_ddp(learn.model)
-        if self.train: bn,drop = nullcontext() if self.bn_stats else _still_bn_stats(model),nullcontext() if self.dropout else _dropout_off(model)
+        if self.train: bn,drop = nullcontext() if self.bn_stats else _kept_running_stats(model),nullcontext() if self.dropout else _dropout_off(model)
         else: bn,drop = _all_eval(model),nullcontext()
-        with torch.no_grad(), _autocast_like(learn), bn, drop, _kept_state(model): out = model(*xb)
+        with torch.no_grad(), autocast_like(learn), bn, drop, kept_module_state(model): out = model(*xb)
         logits = self.logits_of(out)
         if not isinstance(logits, torch.Tensor):
             raise ValueError(f"The partners' logits must be a tensor, got {type(logits).__name__} from the model's output: "

@@ -3,9 +3,9 @@ nbs/works_with.ipynb runs them all and shows the outcome of each ("Works with" p
 
 Every training case is a tiny fit (16 px digits, a few batches, tiny models) checked at every step against
 a computation of its own: the paired batch is read before `CSKD` splits it (anchors and partners must have
-the same label), and the loss `CSKD` backpropagates is recomputed (`loss_func + λ T² KL`, as tests/conftest.py's
-`FormulaCheck` does) with the partners run again through the model as it was before the partner pass; with
-`partner='cache'` the check keeps its own table of each item's last logits. The other cases are the errors and state issues a user runs into.
+the same label), and the loss `CSKD` backpropagates is recomputed (`loss_func + λ T² KL`) with the partners run again
+through the model as it was before the partner pass; with `partner='cache'` the check keeps its own table of each
+item's last logits (tests/reference.py's `FormulaCheck` and `CacheCheck`). The other cases are the errors and state issues a user runs into.
 
 `python tests/compat_cases.py` runs every case and prints the table; `--page` re-executes the docs page
 (its saved outputs are what the site shows)."""
@@ -22,6 +22,7 @@ from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai.text.all import *
 from cskd_fastai.all import *
+from reference import FormulaCheck, CacheCheck, tiny_cnn, train_labels, plain, first_logits
 
 BS, PX, N_TRAIN, N_VALID = 16, 16, 6, 2      # per class: 60 training digits, 3 batches of 16 (fastai drops the last)
 
@@ -31,112 +32,9 @@ class Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Independent checks, at every training step
+# Independent checks, at every training step: tests/reference.py's `FormulaCheck` (partner forward) and `CacheCheck`
 
-def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
-def _logits(out): return out[0] if isinstance(out, (tuple, list)) else out
-
-def _kl(target, anchor, T):
-    "`KL(softmax(target/T) || softmax(anchor/T))` of each row, written out (not `cskd_loss`)"
-    q, logp = torch.softmax(target.float()/T, 1), torch.log_softmax(anchor.float()/T, 1)
-    return (q*(q.clamp_min(1e-30).log() - logp)).sum(1)
-
-def _lam(cb, learn): return float(cb.lam(learn.pct_train)) if callable(cb.lam) else float(cb.lam)
-
-
-def rnn_regularizers(learn):
-    "What fastai's `RNNRegularizer` (text learners) adds to the loss after `CSKD`: its AR and TAR terms, recomputed"
-    reg, rnn = getattr(learn, 'rnn_regularizer', None), getattr(learn, 'rnn', None)
-    if reg is None or rnn is None: return 0.
-    res, h = 0., rnn.raw_out
-    if reg.alpha: res += reg.alpha*rnn.out.detach().float().pow(2).mean()
-    if reg.beta and len(h) > 1: res += reg.beta*(h[:,1:] - h[:,:-1]).detach().float().pow(2).mean()
-    return res
-
-
-class PairCheck(Callback):
-    """`partner='forward'`: before `CSKD` splits the batch, anchors and partners must have the same labels; after the
-    loss, the loss to backpropagate must be the anchors' loss + λ T² KL, with the partners run again through the model
-    as it was before the partner pass (same weights, buffers and random draws; the model's own buffers are left untouched)"""
-    order, run_valid = CSKD.order-1, False
-    def __init__(self, tol=1e-4, get_logits=None): self.tol, self.steps, self.kd, self.get_logits = tol, 0, [], get_logits or _logits
-    def _model(self): return getattr(self.learn.model, 'module', self.learn.model)
-    def before_batch(self):
-        ys = [_plain(y) for y in self.learn.yb]
-        n = len(ys[0])//2
-        assert len(ys[0]) == 2*n and n > 0, f"expected a paired batch, got {len(ys[0])} rows"
-        y0 = ys[0].reshape(len(ys[0]), -1)              # (bs,) or (bs, 1) (tabular)
-        bad = (y0[:n] != y0[n:]).any(1).nonzero().flatten().tolist()
-        assert not bad, f"anchor and partner labels differ at rows {bad[:5]}: {y0[:n][bad[:5]].flatten().tolist()} vs {y0[n:][bad[:5]].flatten().tolist()}"
-        self.xall, self.yall = [_plain(x).clone() for x in self.learn.xb], [y.clone() for y in ys]
-        self.bufs = [(m, k, b.clone()) for m in self._model().modules() for k, b in m._buffers.items() if b is not None]
-        self.rng = torch.get_rng_state()
-    def _autocast(self):
-        "The autocast region of the learner's `MixedPrecision` (`to_fp16()`), where it is on"
-        ac = getattr(getattr(self.learn, 'mixed_precision', None), 'autocast', None)
-        on = ac is not None and getattr(ac, '_enabled', False)
-        return torch.autocast(ac.device, dtype=ac.fast_dtype) if on else contextlib.nullcontext()
-    def _partner_logits(self, train):
-        "The partners through the model with the buffers and random state of `before_batch`, on stand-in buffers"
-        m, n = self._model(), len(self.yall[0])//2
-        orig, rng, modes = [(mm, k, mm._buffers[k]) for mm, k, _ in self.bufs], torch.get_rng_state(), [(mm, mm.training) for mm in m.modules()]
-        try:
-            for mm, k, b in self.bufs: mm._buffers[k] = b.clone()
-            if not train: m.eval()
-            torch.set_rng_state(self.rng)
-            with torch.no_grad(), self._autocast(): return self.get_logits(m(*[x[n:] for x in self.xall])).float()
-        finally:
-            for mm, k, b in orig: mm._buffers[k] = b
-            for mm, t in modes: mm.training = t
-            torch.set_rng_state(rng)
-    def before_backward(self):
-        cb, n = self.learn.cskd, len(self.yall[0])//2
-        lam, T = _lam(cb, self.learn), cb.T
-        target = self._partner_logits(getattr(cb.source, 'train', True))
-        pred = _plain(self.learn.pred.detach()).float()
-        base = self.learn.loss_func(self.learn.pred.detach(), *[y[:n] for y in self.yall]) + rnn_regularizers(self.learn)
-        kd = _kl(target, pred, T).mean()
-        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kd).float(),
-                                   rtol=self.tol, atol=self.tol)
-        self.steps += 1; self.kd.append(float(lam*T**2*kd))
-
-
-def train_labels(dl):
-    "The encoded label of each item of `dl.dataset`, by position, read item by item through fastai's own indexing"
-    ds = dl.dataset
-    if hasattr(ds, 'ys') and hasattr(ds, 'y_names'): return torch.as_tensor(np.asarray(ds.ys.iloc[:, 0]), dtype=torch.long)
-    return torch.tensor([int(ds[i][-1]) for i in range(len(ds))])
-
-
-class CacheCheck(Callback):
-    """`partner='cache'`: the positions appended to each batch are the anchors' (their labels agree), each drawn partner
-    is of the anchor's class, and the loss is the anchors' loss + λ T² mean(seen·KL) with the targets read from a table
-    of each item's last logits that this callback keeps itself (fresh for each new `CacheCheck`)"""
-    order, run_valid = CSKD.order-1, False
-    def __init__(self, tol=1e-3): self.tol, self.steps, self.kd, self.table = tol, 0, [], None
-    def before_train(self):
-        if self.table is None: self.labels = train_labels(self.dls.train)
-    def before_batch(self):
-        *ys, pos = [_plain(y) for y in self.learn.yb]
-        pos = pos.cpu()                                   # the check works on the CPU, wherever the model is
-        lab = self.labels[pos]
-        assert torch.equal(ys[0].cpu().reshape(-1), lab), "the positions appended to the batch are not the anchors'"
-        self.pos, self.y = pos.clone(), ys[0].clone()
-    def before_backward(self):
-        cb, pred = self.learn.cskd, _plain(self.learn.pred.detach()).float().cpu()
-        lam, T = _lam(cb, self.learn), cb.T
-        if self.table is None: self.table, self.seen = torch.zeros(len(self.labels), pred.shape[1]), torch.zeros(len(self.labels), dtype=torch.bool)
-        pidx = torch.as_tensor(cb.source.partner_idx).cpu() if lam > 0 else self.pos
-        assert torch.equal(self.labels[pidx], self.labels[self.pos]), "a cached partner of another class"
-        kd = (_kl(self.table[pidx], pred, T)*self.seen[pidx]).mean()
-        base = (self.learn.loss_func(self.learn.pred.detach(), self.y) + rnn_regularizers(self.learn)).cpu()
-        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float().cpu(), _plain(base + lam*T**2*kd).float(),
-                                   rtol=self.tol, atol=self.tol)
-        self.table[self.pos] = pred.clamp(-6e4, 6e4).half().float(); self.seen[self.pos] = True
-        self.steps += 1; self.kd.append(float(lam*T**2*kd))
-
-
-def check_for(partner): return CacheCheck() if partner == 'cache' else PairCheck()
+def check_for(partner): return CacheCheck() if partner == 'cache' else FormulaCheck()
 
 def fit_checked(learn, partner='forward', n_epoch=1, chk=None, **kwargs):
     "Fit `learn` (which has a `CSKD`) with the step check for `partner`; the loss must be finite and every step checked"
@@ -250,11 +148,6 @@ def image_dls(data, how):
     raise ValueError(how)
 
 
-def tiny_cnn(n_out=10):
-    "A small BatchNorm + dropout CNN"
-    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1),
-                         Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
-
 def text_dls(data, how):
     if how == 'from_df': return TextDataLoaders.from_df(data.text_df, text_col='text', label_col='label', valid_col='is_valid', bs=8, num_workers=0)
     return TextDataLoaders.from_folder(data.text_folder, valid='valid', bs=8, num_workers=0)
@@ -338,7 +231,7 @@ def second(out): return out[1]
 def _logits_elsewhere(data):
     dls = image_dls(data, 'from_folder')
     learn = Learner(dls, FeaturesFirstNet(dls.c), cbs=[CSKD(partner=PartnerForward(get_logits=second)), KeepSecond()])
-    return _note(fit_checked(learn, chk=PairCheck(get_logits=second)))
+    return _note(fit_checked(learn, chk=FormulaCheck(get_logits=second)))
 
 def _logits_elsewhere_no_option(data):
     dls = image_dls(data, 'from_folder')
@@ -360,18 +253,18 @@ class StatefulNet(nn.Module):
         self.h = f.detach().mean(0)
         return out
 
-class StateCheck(PairCheck):
-    "`PairCheck` for `StatefulNet`; also, the anchors' logits must be those of the model as it was before the partner pass"
+class StateCheck(FormulaCheck):
+    "`FormulaCheck` for `StatefulNet`; also, the anchors' logits must be those of the model as it was before the partner pass"
     def before_batch(self):
         super().before_batch()
         self.copies = deepcopy(self._model()), deepcopy(self._model())
     def _partner_logits(self, train):
         n = len(self.yall[0])//2
-        with torch.no_grad(): return _logits(self.copies[0](*[x[n:] for x in self.xall])).float()
+        with torch.no_grad(): return first_logits(self.copies[0](*[x[n:] for x in self.xall])).float()
     def before_backward(self):
         n = len(self.yall[0])//2
         with torch.no_grad(): anchors = self.copies[1](*[x[:n] for x in self.xall]).float()
-        torch.testing.assert_close(_plain(self.learn.pred.detach()).float(), anchors, rtol=1e-4, atol=1e-4,
+        torch.testing.assert_close(plain(self.learn.pred.detach()).float(), anchors, rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"the anchors' logits are not those of the model before the partner pass: {m}")
         super().before_backward()
 
@@ -408,7 +301,7 @@ def _mid_level_datasets(data):
 def _vision_learner_fine_tune(data):
     dls = image_dls(data, 'from_folder')
     learn = vision_learner(dls, 'resnet10t', pretrained=False, cbs=CSKD())
-    chk = PairCheck()
+    chk = FormulaCheck()
     learn.add_cb(chk)
     with learn.no_bar(), warnings.catch_warnings():
         warnings.simplefilter('ignore'); learn.fine_tune(1)
@@ -527,7 +420,7 @@ def _one_image_class(data):
                     splitter=FuncSplitter(lambda o: o[0].parent.parent.name == 'valid'),
                     item_tfms=Resize(PX)).dataloaders(items, bs=BS, num_workers=0)
     learn = Learner(dls, tiny_cnn(dls.c), cbs=CSKD())
-    chk = PairCheck()
+    chk = FormulaCheck()
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
         with learn.no_bar(): learn.fit(2, cbs=chk)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fastai.vision.all import *
 from cskd_fastai.all import *
-from compat_cases import rnn_regularizers    # fastai's AR and TAR terms, recomputed (also the docs' matrix uses it)
+from reference import tiny_cnn, FormulaCheck, CacheCheck, first_logits, rnn_regularizers   # the tests' reference computations
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
 torch.set_num_threads(int(os.environ.get("CSKD_TEST_THREADS", 2)))   # 1 leaves a core to a background job
@@ -37,68 +37,9 @@ def small_dls(digits_path):
     return digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
 
 
-def tiny_cnn(n_out=10):
-    "A small BatchNorm + dropout CNN: cheap, and exercises both train-mode behaviours"
-    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1),
-                         Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
-
-
 def cnn_learner(dls, cbs=None, **kwargs):
     "A `Learner` of `tiny_cnn` with accuracy"
     return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
-
-
-def _plain(t): return torch.Tensor.as_subclass(t, torch.Tensor) if isinstance(t, torch.Tensor) else t
-def first_logits(out): return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class FormulaCheck(Callback):
-    """Each step's loss recomputed without `CSKD`'s own values: before `CSKD` splits the batch, the paired batch, the
-    random state, the model's buffers and the attributes of its stateful modules (those with `reset`, e.g. an RNN's
-    hidden state) are kept; before the backward pass the partner half is run through the model as it was then (same
-    mode, same dropout draws, on stand-in buffers and state, all put back after), and the loss to backpropagate must be
-    `loss_func(anchors) + λ T² KL` (+ fastai's RNN regularizers) written out here. `get_logits` picks the logits from the
-    model's output (default: the output, or its first element)"""
-    order, run_valid = -2, False                       # before CSKD (order -1): sees the whole paired batch
-    def __init__(self, tol=1e-4, get_logits=first_logits): self.tol, self.get_logits, self.checked, self.lams = tol, get_logits, 0, []
-    def _model(self): return getattr(self.learn.model, 'module', self.learn.model)
-    def before_batch(self):
-        self.xall = [_plain(x).clone() for x in self.learn.xb]
-        self.yall = [_plain(y).clone() for y in self.learn.yb]
-        m = self._model()                              # CSKD's partner forward comes next, before the anchors'
-        self.bufs = [(mm, k, b.clone()) for mm in m.modules() for k, b in mm._buffers.items() if b is not None]
-        self.state = [(mm, {k: v for k, v in vars(mm).items() if not k.startswith('_') and k != 'training'})
-                      for mm in m.modules() if callable(getattr(mm, 'reset', None))]
-        self.rng = torch.get_rng_state()
-    def _partner_logits(self, train, n):
-        m = self._model()
-        bufs, state = [(mm, k, mm._buffers[k]) for mm, k, _ in self.bufs], [(mm, dict(vars(mm))) for mm, _ in self.state]
-        rng, modes = torch.get_rng_state(), [(mm, mm.training) for mm in m.modules()]
-        try:
-            for mm, k, b in self.bufs: mm._buffers[k] = b.clone()
-            for mm, d in self.state: mm.__dict__.update(d)
-            if not train: m.eval()
-            torch.set_rng_state(self.rng)
-            with torch.no_grad(): return _plain(self.get_logits(m(*[x[n:] for x in self.xall]))).float()
-        finally:
-            for mm, k, b in bufs: mm._buffers[k] = b
-            for mm, d in state: mm.__dict__.update(d)
-            for mm, t in modes: mm.training = t
-            torch.set_rng_state(rng)
-    def before_backward(self):
-        cb = self.learn.cskd
-        lam = float(cb.lam(self.learn.pct_train)) if callable(cb.lam) else cb.lam
-        n = len(self.yall[0])//2
-        target = self._partner_logits(getattr(cb.source, 'train', True), n)
-        pred = self.learn.pred if isinstance(self.learn.pred, torch.Tensor) else self.get_logits(self.learn.pred)
-        a, T = _plain(pred.detach()).float(), cb.T
-        q, logp = torch.softmax(target/T, 1), torch.log_softmax(a/T, 1)
-        kl = (q*(q.clamp_min(1e-30).log() - logp)).sum(1).mean()
-        base = self.learn.loss_func(self.learn.pred.detach() if isinstance(self.learn.pred, torch.Tensor) else self.learn.pred,
-                                    *[y[:n] for y in self.yall]) + rnn_regularizers(self.learn)
-        torch.testing.assert_close(_plain(self.learn.loss_grad.detach()).float(), _plain(base + lam*T**2*kl).float(),
-                                   rtol=self.tol, atol=self.tol)
-        self.checked += 1; self.lams.append(lam)
 
 
 def fit_ok(learn, n=1, method='fit', **kwargs):

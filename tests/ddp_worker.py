@@ -13,6 +13,7 @@ from torch import nn
 from fastai.basics import *
 from fastai.distributed import DistributedDL
 from cskd_fastai.callback import CSKD
+from reference import FormulaCheck
 
 N_TRAIN, N_VALID, N_CLASSES, N_FEATS, BS = 256, 64, 4, 8, 32
 
@@ -66,25 +67,16 @@ class RecordPairs(Callback):
         if not self.loaders: self.loaders = [type(self.dl).__name__, type(self.dl.dl).__name__, type(self.model).__name__]
 
 
-class CheckLoss(Callback):
-    """Each step's loss against CE + lam*T^2*KL recomputed without CSKD's values: the paired batch is kept before the
-    split, the inner module and the random state are copied, and the partner half is run
-    through the copy here (same mode, same dropout draws)"""
-    order, run_valid = CSKD.order - 1, False
-    def before_fit(self): self.max_err, self.kd, self.losses = 0., [], []
-    def before_train(self): self.kd.append([0., 0])
-    def before_batch(self):
-        self.xall, self.yall = [x.clone() for x in self.learn.xb], self.yb[0].clone()
-        self.copy, self.rng = deepcopy(self.learn.model.module), torch.get_rng_state()   # the partner forward is next
+class CheckLoss(FormulaCheck):
+    """tests/reference.py's `FormulaCheck` (each step's loss is the anchors' loss + lam*T^2*KL recomputed without CSKD's
+    values, the partners run again through the module inside DDP as it was before the partner pass), also keeping what
+    the parent compares across ranks: each training phase's KD sum and anchor count, and each step's loss"""
+    def before_fit(self): self.phases, self.losses = [], []
+    def before_train(self): self.phases.append([0., 0])
     def before_backward(self):
-        cb, n = self.learn.cskd, len(self.yall)//2
-        torch.set_rng_state(self.rng)
-        with torch.no_grad(): target = self.copy(*[x[n:] for x in self.xall]).float()
-        a, q = self.pred.detach().float(), torch.softmax(target/cb.T, 1)
-        kd = cb.lam * cb.T**2 * (q*(q.log() - torch.log_softmax(a/cb.T, 1))).sum(1).mean()
-        expected = self.learn.loss_func(a, self.yall[:n]) + kd
-        self.max_err = max(self.max_err, (self.loss_grad.detach() - expected).abs().item())
-        self.kd[-1][0] += kd.item()*len(a); self.kd[-1][1] += len(a)
+        super().before_backward()                     # fails the rank if the loss is not the formula
+        n = len(self.yall[0])//2
+        self.phases[-1][0] += self.kd[-1]*n; self.phases[-1][1] += n
         self.losses.append(self.loss_grad.item())
 
 
@@ -102,7 +94,7 @@ def fit_once(seed, num_workers, train_metrics=False, epochs=2):
     # sync_bn=False on CPU only: `nn.SyncBatchNorm` (fastai's default, sync_bn=True) needs GPUs
     with learn.no_bar(), learn.distrib_ctx(sync_bn=False): learn.fit(epochs, 1e-2)
     rp, cl = learn.record_pairs, learn.check_loss
-    return dict(epochs=rp.epochs, loaders=rp.loaders, max_err=cl.max_err, kd_local=cl.kd, losses=cl.losses,
+    return dict(epochs=rp.epochs, loaders=rp.loaders, checked=cl.checked, kd_local=cl.phases, losses=cl.losses,
                 values=[[float(v) for v in vs] for vs in learn.recorder.values],
                 names=list(learn.recorder.metric_names),
                 params=torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist(),

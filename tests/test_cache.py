@@ -7,7 +7,8 @@ from fastai.vision.all import *
 from fastai.callback.training import GradientAccumulation
 from torch.utils.data import TensorDataset
 from cskd_fastai.all import *
-from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, fit_ok as _fit_ok
+from conftest import digits_block, CountForwards, cnn_learner, fit_ok as _fit_ok
+from reference import tiny_cnn, CacheCheck
 
 
 class KDPerBatch(Callback):
@@ -72,7 +73,7 @@ def test_another_model_starts_an_empty_cache(small_dls, how):
     else:
         learn.remove_cb(cb)
         learn = cnn_learner(small_dls, cbs=cb)
-    chk = IndependentCache()                                          # its own table starts empty: expects KD 0 at first
+    chk = CacheCheck()                                                # its own table starts empty: expects KD 0 at first
     learn.fit(1, cbs=chk)
     assert chk.steps == len(small_dls.train) and chk.cached_partners > 0
     assert int(cb.source.seen.sum()) == len(small_dls.train)*small_dls.train.bs
@@ -87,8 +88,7 @@ def test_relabelled_training_set_starts_a_new_cache(digits_path):
     learn.fit(1)
     trn = [f for f in fs if f.parent.parent.name == 'train']
     lab.update(zip(trn, np.random.default_rng(0).permutation([lab[f] for f in trn])))
-    labels = [int(dls.train_ds.tls[1][i]) for i in range(len(dls.train_ds))]   # the new labels, read item by item
-    chk = IndependentCache(labels)
+    chk = CacheCheck()                                                # reads the new labels item by item
     learn.fit(1, cbs=chk)                                             # same items, same model, other labels: a new table
     assert chk.steps == len(dls.train)
 
@@ -152,32 +152,6 @@ def test_bad_options():
     with pytest.raises(ValueError, match='cache_mb'): CSKD(partner='cache', cache_mb=-1)
 
 
-class IndependentCache(Callback):
-    """Keeps its own table of each item's last anchor logits (fp16, as the cache stores them) and checks, at every
-    step, every drawn partner: cached exactly when it was an anchor before, and the loss = CE + λT²·KL against the
-    logits stored here. `labels`: every training item's label, read here (the anchors' must match the batch's);
-    otherwise the callback's class index is used"""
-    order, run_valid = CSKD.order + 1, False
-    def __init__(self, labels=None): self.table, self.steps, self.cached_partners, self.labels = {}, 0, 0, labels
-    def after_loss(self):
-        src, T, lam = self.learn.cskd.source, self.learn.cskd.T, self.learn.cskd.lam
-        a, y = self.pred.detach().float(), self.yb[0]
-        pos, partners = src.pos.tolist(), src.partner_idx.tolist()
-        labels = src.index.labels if self.labels is None else self.labels
-        if self.labels is not None: assert [labels[p] for p in pos] == y.tolist(), "positions not the anchors'"
-        assert all(labels[p] == labels[q] for p, q in zip(pos, partners)), "a partner of another class"
-        kl = torch.zeros(len(a))
-        for i, p in enumerate(partners):
-            if p in self.table:
-                q = torch.softmax(self.table[p]/T, 0)
-                kl[i] = (q*(q.log() - torch.log_softmax(a[i]/T, 0))).sum()
-                self.cached_partners += 1
-        expected = F.cross_entropy(a, y) + lam*T**2*kl.sum()/len(a)
-        torch.testing.assert_close(self.loss_grad.detach().float(), expected, rtol=1e-4, atol=1e-4)
-        for i, p in enumerate(pos): self.table[p] = a[i].half().float()
-        self.steps += 1
-
-
 def _tensor_dls(n=100, bs=32, drop_last=False, seed=0):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n + 40, 6, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
@@ -189,15 +163,14 @@ def _tensor_dls(n=100, bs=32, drop_last=False, seed=0):
 
 def test_every_drawn_partner_checked_against_an_independent_table():
     dls = _tensor_dls(100, 32, drop_last=False)                        # batches of 32, 32, 32 and 4: uneven last batch
-    chk = IndependentCache()
+    chk = CacheCheck(tol=1e-4)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=[CSKD(lam=0.8, T=2., partner='cache'), chk])
     learn.fit(3, 1e-2)
     assert chk.steps == 3*4 and chk.cached_partners > 0
     src = learn.cskd.source
-    assert bool(src.seen.all()) and len(chk.table) == 100              # the short last batch was stored too
-    stored = torch.stack([chk.table[i] for i in range(100)])
-    torch.testing.assert_close(src.cache.float(), stored)
+    assert bool(src.seen.all()) and bool(chk.seen.all()) and len(chk.table) == 100   # the short last batch was stored too
+    torch.testing.assert_close(src.cache.float(), chk.table)
 
 
 def test_partners_differ_with_the_seed_and_repeat_with_it():
@@ -213,3 +186,37 @@ def test_partners_differ_with_the_seed_and_repeat_with_it():
         return torch.cat(drawn)
     a, b, c = partners(0), partners(0), partners(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_loading_other_weights_empties_the_cache(small_dls, tmp_path):
+    "`learn.load` (no callback event): the next fit finds other weights than its last fit ended with, and starts an empty table"
+    learn = cnn_learner(small_dls, cbs=CSKD(partner='cache'), path=tmp_path)
+    learn.fit(1)
+    learn.save('first')
+    learn.fit(1)
+    kd = KDPerBatch()
+    learn.fit(1, cbs=kd)                                              # the weights the last fit ended with: the table is kept
+    assert kd.kd[0] > 0
+    learn.load('first')
+    chk = CacheCheck()                                                # its own table starts empty: so must the cache's
+    learn.fit(1, cbs=chk)
+    assert chk.kd[0] == 0 and chk.steps == len(small_dls.train)       # checked at every step against it
+    assert int(learn.cskd.source.seen.sum()) == len(small_dls.train)*small_dls.train.bs
+
+
+def test_mixup_with_the_cache_stores_the_logits_of_mixed_anchors(small_dls):
+    "What the callback page documents: with MixUp the cache's rows are the model's logits on the mixed anchors"
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 10))         # deterministic: logits = W x + b
+    class Spy(Callback):
+        order, run_valid = CSKD.order + 0.5, False                    # after CSKD's split, before MixUp mixes
+        def before_fit(self): self.steps, self.mixed = 0, 0
+        def before_batch(self): self.anchors = self.xb[0].clone()
+        def after_loss(self):                                         # after CSKD stored this step's logits
+            src, x = self.learn.cskd.source, self.xb[0]
+            with torch.no_grad(): on_mixed, on_anchors = model(x), model(self.anchors)
+            torch.testing.assert_close(src.cache[src.pos].float(), on_mixed.half().float())
+            self.mixed += not torch.allclose(on_mixed, on_anchors, atol=1e-3)
+            self.steps += 1
+    learn = Learner(small_dls, model, metrics=accuracy, cbs=[CSKD(partner='cache'), MixUp(), Spy()])
+    learn.fit(1)
+    assert learn.spy.steps == len(small_dls.train) and learn.spy.mixed == learn.spy.steps

@@ -13,7 +13,8 @@ from cskd_fastai.all import *
 from contextlib import nullcontext
 from fastai.text.all import AWD_LSTM, SequentialRNN, TextLearner, get_text_classifier, awd_lstm_clas_config
 import cskd_fastai.partners
-from conftest import digits_block, tiny_cnn, CountForwards, cnn_learner, FormulaCheck, fit_ok as _fit_ok
+from conftest import digits_block, CountForwards, cnn_learner, fit_ok as _fit_ok
+from reference import tiny_cnn, FormulaCheck
 
 
 class RecordPairs(Callback):
@@ -515,7 +516,7 @@ def test_no_recurrent_state_from_the_partner_pass():
 
 def test_the_recurrent_state_check_catches_a_leak(monkeypatch):
     "Without putting the state back, the partner batch's final state reaches the anchors, and the check fails"
-    monkeypatch.setattr(cskd_fastai.partners, '_kept_state', lambda model: nullcontext())
+    monkeypatch.setattr(cskd_fastai.partners, 'kept_module_state', lambda model: nullcontext())
     learn = _stateful_rnn_learner([CSKD(), AnchorsAsWithoutPartners()])
     with pytest.raises(AssertionError, match='not close'): learn.fit(1)
 
@@ -621,3 +622,122 @@ def test_partners_in_half_precision_under_non_native_fp16():
         dtype = torch.float16 if fp16 else torch.float32
         assert seen == [dtype] and src.logits.dtype == dtype
         with torch.no_grad(): torch.testing.assert_close(src.logits, model(xb[16:].to(dtype)))
+
+
+# --- what a user meets: plain PyTorch loaders, NumPy numbers, CSKD added or removed during a fit, summed losses, export
+
+def _blob_dsets(n=128, n_valid=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + n_valid, 6, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+
+def _mlp(): return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_pytorch_dataloader_gets_a_message_that_says_what_to_do():
+    "fastai trains on PyTorch's DataLoader; CS-KD needs fastai's, and says how to build it: what it says works"
+    trn, val = _blob_dsets()
+    tdl = torch.utils.data.DataLoader
+    learn = Learner(DataLoaders(tdl(trn, batch_size=16, shuffle=True), tdl(val, batch_size=16)), _mlp(),
+                    loss_func=CrossEntropyLossFlat(), cbs=CSKD())
+    with pytest.raises(ValueError, match=r"PyTorch's `torch.utils.data.DataLoader`.*DataLoaders.from_dsets\(train_ds, valid_ds, bs=64\)"):
+        with learn.no_bar(): learn.fit(1)
+    assert isinstance(learn.dls.train, tdl)                                   # nothing changed
+    for dls in (DataLoaders.from_dsets(trn, val, bs=16, device='cpu'),        # the two ways the message gives
+                DataLoaders(DataLoader(trn, bs=16, shuffle=True, drop_last=True), tdl(val, batch_size=16))):
+        learn = Learner(dls, _mlp(), loss_func=CrossEntropyLossFlat(), cbs=[CSKD(), FormulaCheck()])
+        with learn.no_bar(): learn.fit(1)
+        assert learn.formula_check.checked == len(dls.train) and learn.recorder.values[-1][-1] > 0
+
+
+@pytest.mark.parametrize('num', [np.float16, np.float32, np.float64, np.int8, np.int64, np.uint8])
+def test_numpy_numbers_are_numbers(num):
+    cb = CSKD(lam=num(1), T=num(2), partner='cache', cache_mb=num(5))
+    assert (cb.lam, cb.T, cb.source.max_mb) == (1., 2., 5.) and all(type(v) is float for v in (cb.lam, cb.T, cb.source.max_mb))
+    assert repr(cb).startswith('CSKD(lam=1, T=2,')
+    with pytest.raises(ValueError, match='`lam` must be >= 0'): CSKD(lam=np.float32(-0.5))
+    with pytest.raises(ValueError, match='`lam` must be a number'): CSKD(lam=np.bool_(True))
+
+
+class Switch(Callback):
+    "After the first epoch, add a `CSKD` to the learner (`add=True`) or take it off"
+    def __init__(self, add): self.add = add
+    def after_epoch(self):
+        if self.epoch != 0: return
+        if self.add: self.learn.add_cb(CSKD())
+        else: self.learn.remove_cb(CSKD)
+
+
+def _rows(learn, tmp_path):
+    "The fit table as `CSVLogger` wrote it, and as `learn.recorder` holds it"
+    return pd.read_csv(tmp_path/'history.csv'), learn.recorder.metric_names, learn.recorder.values
+
+
+def test_cskd_removed_during_a_fit_leaves_its_column_empty(small_dls, tmp_path):
+    learn = cnn_learner(small_dls, cbs=CSKD(), path=tmp_path)
+    learn.fit(3, cbs=[Switch(add=False), CSVLogger()])
+    csv, names, values = _rows(learn, tmp_path)
+    assert list(csv.columns) == names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'kd_loss', 'time']
+    assert all(len(v) == len(names) - 2 for v in values)                      # every row has every column, in place
+    assert values[0][-1] > 0 and values[1][-1] is None and values[2][-1] is None
+    assert csv['kd_loss'].iloc[0] > 0 and csv['kd_loss'].iloc[1:].isna().all()
+    assert all(0 <= v[2] <= 1 for v in values) and (csv['accuracy'] <= 1).all()  # accuracy stays in its column
+    assert not [c for c in learn.cbs if 'cskd' in type(c).__name__.lower()]   # the companion left with the fit
+    learn.fit(1)
+    assert 'kd_loss' not in learn.recorder.metric_names
+
+
+def test_cskd_added_during_a_fit_gets_its_column_from_the_next_fit(small_dls, tmp_path):
+    learn = cnn_learner(small_dls, path=tmp_path)
+    learn.fit(3, cbs=[Switch(add=True), CSVLogger()])
+    csv, names, values = _rows(learn, tmp_path)
+    assert list(csv.columns) == names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
+    assert all(len(v) == len(names) - 2 for v in values)
+    assert learn.cskd.kd_value > 0                                            # it trained from the second epoch
+    learn.add_cb(FormulaCheck())
+    _fit_ok(learn)                                                            # and has its column from the next fit
+    assert learn.recorder.metric_names.count('kd_loss') == 1 and learn.formula_check.checked == len(small_dls.train)
+
+
+def test_summed_loss_warns_and_the_kd_term_stays_a_mean():
+    "With `reduction='sum'` the KD term is still λT² times the mean KL over anchors (checked at every step): a warning says so"
+    trn, val = _blob_dsets()
+    dls = DataLoaders.from_dsets(trn, val, bs=16, device='cpu')
+    for loss_func in (CrossEntropyLossFlat(reduction='sum'), nn.CrossEntropyLoss(reduction='sum')):
+        learn = Learner(dls, _mlp(), loss_func=loss_func, cbs=[CSKD(), FormulaCheck()])
+        with pytest.warns(UserWarning, match=r"sums over the batch \(`reduction='sum'`\).*λ/batch size"):
+            with learn.no_bar(): learn.fit(1)
+        assert learn.formula_check.checked == len(dls.train)
+    import warnings
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn = Learner(dls, _mlp(), loss_func=CrossEntropyLossFlat(), cbs=CSKD())
+        with learn.no_bar(): learn.fit(1)
+    assert not [w for w in ws if 'reduction' in str(w.message)]
+
+
+_LOAD = """import sys
+sys.modules['cskd_fastai'] = None           # as on a machine without cskd_fastai
+from fastai.vision.all import load_learner
+learn = load_learner(sys.argv[1])
+print(learn.predict(sys.argv[2])[0], [type(c).__name__ for c in learn.cbs])"""
+
+def test_export_with_cskd_needs_the_library_and_remove_cb_drops_it(small_dls, tmp_path):
+    """An exported learner with CSKD loads only where cskd_fastai is installed (fastai fails with UnboundLocalError);
+    `learn.remove_cb(CSKD)` before `export` gives a file that loads without it, CSKD and its column companion gone"""
+    import subprocess, sys
+    learn = cnn_learner(small_dls, cbs=CSKD(partner='cache'), path=tmp_path)
+    learn.fit(1)
+    learn.export('with_cskd.pkl')
+    learn.remove_cb(CSKD)
+    assert not [c for c in learn.cbs if 'cskd' in type(c).__name__.lower()]
+    learn.export('plain.pkl')
+    img = str(small_dls.valid_ds.items[0])
+    run = lambda f: subprocess.run([sys.executable, '-c', _LOAD, str(tmp_path/f), img], capture_output=True, text=True, timeout=300)
+    r = run('with_cskd.pkl')
+    assert r.returncode != 0 and 'UnboundLocalError' in r.stderr
+    r = run('plain.pkl')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'CSKD' not in r.stdout and "'Recorder'" in r.stdout
+    learn.add_cb(CSKD())                                                      # and it can go back on
+    _fit_ok(learn)

@@ -11,7 +11,8 @@ import torch
 from fastai.torch_core import set_seed
 from fastai.vision.all import Callback, Learner
 from cskd_fastai.all import CSKD, paired_dls
-from compat_cases import CASES, Data, Skip, run_case, image_dls, tiny_cnn, fit_checked, train_labels
+from compat_cases import CASES, Data, Skip, run_case, image_dls, fit_checked
+from reference import tiny_cnn, train_labels
 
 PAGE = Path(__file__).resolve().parent.parent/'nbs'/'works_with.ipynb'
 _outcomes = {}       # (what, partner) -> 'pass' / 'fail' / 'skip', for the cases run in this pytest run

@@ -10,7 +10,8 @@ import pytest
 import torch
 from fastai.vision.all import *
 from cskd_fastai.all import *
-from conftest import digits_block, tiny_cnn, FormulaCheck, CountForwards
+from conftest import digits_block, CountForwards
+from reference import tiny_cnn, FormulaCheck, ref_ece, softmax
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT/'tools'/'finetune_study.py'
@@ -109,15 +110,6 @@ def nll_np(z, y):
     z = z - z.max(1, keepdims=True)
     return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
 
-def ece_np(z, y, bins=15):
-    p = np.exp(z - z.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
-    conf, hit = p.max(1), p.argmax(1) == y
-    tot = 0.
-    for lo, hi in zip(np.linspace(0, 1, bins+1)[:-1], np.linspace(0, 1, bins+1)[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any(): tot += m.mean()*abs(conf[m].mean() - hit[m].mean())
-    return tot
-
 def check_run(js):
     r = json.loads(js.read_text())
     z = np.load(js.with_suffix('.npz'))
@@ -125,7 +117,7 @@ def check_run(js):
     y, yh = np.repeat(np.arange(5), r['n_test']//5), np.repeat(np.arange(5), r['n_held']//5)   # stored class by class
     assert t.shape == (r['n_test'], 5) and h.shape == (r['n_held'], 5)
     assert abs(np.mean(t.argmax(1) != y) - r['test_err']) <= 5/r['n_test']            # float16 rounding flips a few
-    assert abs(nll_np(t, y) - r['test_nll']) < 5e-3 and abs(ece_np(t, y) - r['test_ece']) < 5e-3
+    assert abs(nll_np(t, y) - r['test_nll']) < 5e-3 and abs(ref_ece(softmax(t), y, 15) - r['test_ece']) < 5e-3
     assert abs(nll_np(h/r['temperature'], yh) - min(nll_np(h/T, yh) for T in np.linspace(.5, 5, 451))) < 2e-3
     assert abs(nll_np(t/r['temperature'], y) - r['ts_nll']) < 5e-3
     return r

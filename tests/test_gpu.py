@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from fastai.vision.all import *
 from cskd_fastai.all import *
-from conftest import tiny_cnn, FormulaCheck
+from reference import tiny_cnn, FormulaCheck
 
 pytestmark = pytest.mark.gpu
 

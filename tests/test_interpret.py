@@ -16,8 +16,7 @@ from fastai.interpret import Interpretation
 from cskd_fastai.metrics import *
 from cskd_fastai.interpret import *
 from cskd_fastai.callback import CSKD
-from conftest import tiny_cnn
-from test_metrics import (ref_ece, ref_mce, ref_adaptive_ece_ties, ref_classwise, ref_nll, ref_brier, ref_top_k_error,
+from reference import (tiny_cnn, ref_ece, ref_mce, ref_adaptive_ece_ties, ref_classwise, ref_nll, ref_brier, ref_top_k_error,
                           random_preds)
 
 

@@ -9,7 +9,8 @@ import torch
 from fastai.vision.all import *
 from fastai.callback.schedule import SchedLin, SchedCos, combine_scheds
 from cskd_fastai.all import *
-from conftest import cnn_learner, FormulaCheck
+from conftest import cnn_learner
+from reference import FormulaCheck
 
 
 def _state(learn):

@@ -1,111 +1,12 @@
-"The calibration metrics of `cskd_fastai.metrics` against slow reference loops written from the definitions, hand-worked cases, torchmetrics, scikit-learn and torch; temperature scaling against a grid search"
+"The calibration metrics of `cskd_fastai.metrics` against the references written from the definitions (tests/reference.py), hand-worked cases, torchmetrics, scikit-learn and torch; temperature scaling against a grid search"
 import math
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from cskd_fastai.metrics import *
-
-
-# --- slow reference implementations: loops over samples, written from the definitions -------------------
-
-def ref_bin(c, M):
-    "Bin of `c` by the rule: edges e_m = m/M as floats, bin m is (e_m, e_{m+1}], 0 in the first"
-    edges = [m/M for m in range(M+1)]
-    if c == 0: return 0
-    for m in range(M):
-        if edges[m] < c <= edges[m+1]: return m
-    raise AssertionError(c)
-
-
-def ref_top(probs, targs):
-    "(confidence, 1. if right else 0.) of each sample's top-label prediction (the first of tied classes)"
-    P = np.asarray(probs, dtype=np.float64); y = np.asarray(targs)
-    out = []
-    for row, t in zip(P, y):
-        k = max(range(len(row)), key=lambda j: (row[j], -j))
-        out.append((float(row[k]), 1.0 if k == t else 0.0))
-    return out
-
-
-def ref_binned_gaps(pairs, assign):
-    "pairs: (confidence, hit); assign: bin of each pair -> dict bin -> (n, mean conf, mean hit)"
-    bins = {}
-    for (c, h), b in zip(pairs, assign): bins.setdefault(b, []).append((c, h))
-    return {b: (len(v), sum(c for c, _ in v)/len(v), sum(h for _, h in v)/len(v)) for b, v in bins.items()}
-
-
-def ref_ece(probs, targs, M):
-    pairs = ref_top(probs, targs)
-    stats = ref_binned_gaps(pairs, [ref_bin(c, M) for c, _ in pairs])
-    return sum(n/len(pairs)*abs(a - c) for n, c, a in stats.values())
-
-
-def ref_mce(probs, targs, M):
-    pairs = ref_top(probs, targs)
-    stats = ref_binned_gaps(pairs, [ref_bin(c, M) for c, _ in pairs])
-    return max(abs(a - c) for n, c, a in stats.values())
-
-
-def ref_adaptive_ece(probs, targs, M):
-    "For distinct confidences: sort, cut into M runs of sizes differing by at most 1 (larger runs first)"
-    pairs = sorted(ref_top(probs, targs))
-    assert len({c for c, _ in pairs}) == len(pairs), "reference needs distinct confidences"
-    n, total, start = len(pairs), 0., 0
-    for m in range(M):
-        size = n//M + (1 if m < n % M else 0)
-        chunk = pairs[start:start+size]; start += size
-        if chunk: total += len(chunk)/n*abs(sum(h for _, h in chunk)/len(chunk) - sum(c for c, _ in chunk)/len(chunk))
-    return total
-
-
-def ref_adaptive_ece_ties(probs, targs, M):
-    "With ties: the edges are the last confidence of each of the M runs, and a bin takes the confidences in (previous edge, edge]"
-    pairs = ref_top(probs, targs)
-    cs, n = sorted(c for c, _ in pairs), len(pairs)
-    ends, pos = [], 0
-    for m in range(M - 1):
-        pos += n//M + (1 if m < n % M else 0)
-        ends.append(cs[pos - 1])
-    assign = [sum(1 for e in ends if e < c) for c, _ in pairs]
-    stats = ref_binned_gaps(pairs, assign)
-    return sum(k/n*abs(a - c) for k, c, a in stats.values())
-
-
-def ref_classwise(probs, targs, M):
-    P = np.asarray(probs, dtype=np.float64); y = np.asarray(targs); N, K = P.shape
-    per = []
-    for k in range(K):
-        pairs = [(float(P[i, k]), 1.0 if y[i] == k else 0.0) for i in range(N)]
-        stats = ref_binned_gaps(pairs, [ref_bin(c, M) for c, _ in pairs])
-        per.append(sum(n/N*abs(a - c) for n, c, a in stats.values()))
-    return per
-
-
-def ref_nll(probs, targs):
-    P = np.asarray(probs, dtype=np.float64)
-    return -sum(math.log(max(P[i, t], 1e-12)) for i, t in enumerate(targs))/len(P)
-
-
-def ref_brier(probs, targs):
-    P = np.asarray(probs, dtype=np.float64)
-    return sum(sum((P[i, k] - (1. if k == t else 0.))**2 for k in range(P.shape[1])) for i, t in enumerate(targs))/len(P)
-
-
-def ref_top_k_error(probs, targs, k):
-    "k=1: the argmax (first of tied) is wrong; k>1: at least k classes have a strictly higher probability than the label"
-    P = np.asarray(probs, dtype=np.float64); y = np.asarray(targs)
-    if k == 1: return sum(h == 0. for _, h in ref_top(P, y))/len(y)
-    return sum(sum(p > row[t] for p in row) >= k for row, t in zip(P, y))/len(y)
-
-
-def random_preds(n, k, seed, scale=3., absent=()):
-    g = torch.Generator().manual_seed(seed)
-    probs = (torch.randn(n, k, generator=g, dtype=torch.float64)*scale).softmax(1)
-    targs = torch.multinomial(probs, 1, generator=g)[:, 0]
-    for a in absent:                      # relabel class `a` as another class
-        targs[targs == a] = (a + 1) % k
-    return probs, targs
+from reference import (ref_bin, ref_ece, ref_mce, ref_adaptive_ece, ref_adaptive_ece_ties, ref_classwise, ref_nll, ref_brier,
+                       ref_top_k_error, random_preds)   # written from the definitions: tests/reference.py
 
 
 # --- the bin rule ------------------------------------------------------------------------------------------

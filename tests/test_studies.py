@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import t_quantile, paired, mean_std, softmax, ref_ece   # the statistics and ECE: tests/reference.py
 
 ROOT = Path(__file__).resolve().parent.parent
 TUT = ROOT/'nbs'/'tutorials'
@@ -15,43 +16,8 @@ REGIME = TUT/'regime_study'
 DIGITS = TUT/'digits_study'
 
 
-# ---------------------------------------------------------------------------------------------------- statistics
-def t_quantile(df):
-    "The 97.5% quantile of Student's t with `df` degrees of freedom"
-    from scipy.stats import t
-    return float(t.ppf(0.975, df))
-
-def paired(a, b):
-    "a − b over paired seeds: mean, std (ddof=1), the 95% Student-t interval, p (two-sided), n; with one seed no interval"
-    d = np.asarray(a, float) - np.asarray(b, float)
-    n = len(d)
-    if n < 2: return dict(mean=float(d.mean()), std=None, lo=None, hi=None, p=None, n=n)
-    from scipy.stats import t
-    sd = float(d.std(ddof=1)); se = sd/np.sqrt(n)
-    h = t_quantile(n-1)*se
-    p = float(2*t.sf(abs(d.mean())/se, n-1)) if se > 0 else 0.
-    return dict(mean=float(d.mean()), std=sd, lo=float(d.mean()-h), hi=float(d.mean()+h), p=p, n=n)
-
-def mean_std(v):
-    v = np.asarray(v, float)
-    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
-
-
 # ---------------------------------------------------------------------------------------------------- metrics
-def softmax(z):
-    z = np.asarray(z, np.float64); z = z - z.max(1, keepdims=True)
-    e = np.exp(z); return e/e.sum(1, keepdims=True)
-
-def ece15(P, y, n_bins=15):
-    "Expected calibration error: |accuracy − confidence| in 15 equal-width bins of the top confidence, weighted by bin size"
-    conf, hit = P.max(1), (P.argmax(1) == y)
-    # bin b holds confidences in ((b)/M, (b+1)/M]; a confidence of exactly 0 goes to the first bin
-    b = np.clip(np.ceil(conf*n_bins).astype(int) - 1, 0, n_bins-1)
-    tot = 0.
-    for k in range(n_bins):
-        m = b == k
-        if m.any(): tot += m.sum()*abs(hit[m].mean() - conf[m].mean())
-    return tot/len(y)
+def ece15(P, y): return ref_ece(P, y, 15)
 
 def nll_of(P, y): return float(-np.mean(np.log(np.maximum(P[np.arange(len(y)), y], 1e-12))))
 
