@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT/'_docs'
 API_PAGES = {'data': 'Class-wise pairing', 'datasets': 'Datasets', 'partners': 'Partner sources',
              'callback': 'The CS-KD callback', 'metrics': 'Calibration metrics',
-             'interpret': 'Calibration interpretation',
+             'interpret': 'Calibration interpretation', 'calibrate': 'Calibrate a learner',
              'compare': 'Comparing CS-KD with its baseline'}
 
 
@@ -46,6 +46,9 @@ def test_every_notebook_has_a_page(site):
         assert len(re.findall(r'<img [^>]*src="[^"]+\.png"', h)) >= 1       # the sweep plot
     if (ROOT/'nbs'/'performance.ipynb').exists():
         assert '<h1>Performance' in html(site, 'performance')
+    if (ROOT/'nbs'/'calibrate_guide.ipynb').exists():  # the guide, with its reliability diagrams and tables
+        h = html(site, 'calibrate_guide')
+        assert '<h1>Calibrate your model' in h and re.search(r'<img [^>]*src="[^"]+\.png"', h) and h.count('<table') >= 2
     if (ROOT/'nbs'/'works_with.ipynb').exists():      # the compatibility matrix's tables, from the saved outputs
         h = html(site, 'works_with')
         assert '<h1>Works with' in h and h.count('<table') >= 3 and 'ImageDataLoaders.from_df' in text(h)
