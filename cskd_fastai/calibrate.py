@@ -7,8 +7,8 @@ Docs: https://cskd-fastai.readthedocs.io/calibrate.html.md"""
 # %% ../nbs/07_calibrate.ipynb #8c2ca396
 from __future__ import annotations
 import math, warnings
-from collections import namedtuple
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .metrics import _check_targs
 from .interpret import _NeedLabels
 
 # %% auto #0
-__all__ = ['TemperatureFit', 'TemperatureScaling']
+__all__ = ['TemperatureScaling', 'TemperatureFit']
 
 # %% ../nbs/07_calibrate.ipynb #f8e7ea9f
 _KEY = 'cskd_fastai.temperature'   # the entry of the model's state-dict metadata that carries T
@@ -94,9 +94,13 @@ class TemperatureScaling(Callback):
         self.learn.pred = self.pred/self.T
     def __repr__(self): return f"{type(self).__name__}(T={None if self.T is None else round(self.T, 4)})"
 
-# %% ../nbs/07_calibrate.ipynb #47505dab
-TemperatureFit = namedtuple('TemperatureFit', 'T nll_before nll_after n')
-TemperatureFit.__doc__ = "What `Learner.calibrate` fitted: the temperature, the held-out NLL before and after, the number of held-out items"
+# %% ../nbs/07_calibrate.ipynb #0cdc660c
+class TemperatureFit(NamedTuple):
+    "What `Learner.calibrate` fitted, and the NLL of the held-out items it fitted it on"
+    T:float # The temperature
+    nll_before:float # NLL of the held-out items with the raw logits
+    nll_after:float # NLL of the held-out items with the logits divided by `T`
+    n:int # Number of held-out items
 
 _MULTI_LABEL = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss)
 _REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
@@ -169,6 +173,7 @@ def calibrate(self:Learner,
     cb.T = T
     return TemperatureFit(T, nll(P, y), nll(apply_temperature(P, T), y), len(y))
 
+# %% ../nbs/07_calibrate.ipynb #e7dbac59
 @patch
 def uncalibrate(self:Learner):
     "Remove the temperature (the `TemperatureScaling` callback): predictions use the raw logits again"
