@@ -327,3 +327,18 @@ def test_compare_ts_rows_are_a_calibrated_learners_predictions():
     pr = _part(res, 'preds')
     np.testing.assert_allclose(preds(learn).numpy(), pr['ce+ts/0/probs'], atol=1e-5)
     assert np.array_equal(raw_logits(learn)[1].numpy(), pr['ce+ts/0/targs'])
+
+
+# ------------------------------------------------------------------------------------------------
+# on a GPU (skipped without CUDA): `MixedPrecision` casts the half-precision logits to float32 in
+# `after_pred`, before the temperature divides them
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('mode', ['fp16', 'bf16'])
+def test_under_mixed_precision(small_dls, mode):
+    small_dls.to(torch.device('cuda'))
+    set_seed(0, reproducible=True)
+    learn = fitted(cnn_learner(small_dls).to_fp16(amp_mode=mode))
+    fit, z = check_calibrated(learn)
+    with learn.no_bar(): p, _ = learn.get_preds()
+    assert p.dtype == torch.float32 and learn.temperature_scaling.T == fit.T
