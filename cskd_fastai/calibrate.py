@@ -17,6 +17,7 @@ from fastcore.basics import patch, noop, getcallable
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
+from fastai.data.core import DataLoaders
 from fastai.torch_core import get_model
 from .metrics import fit_temperature, apply_temperature, nll
 from .metrics import _check_targs
@@ -142,7 +143,14 @@ def _check_outputs(logits, targs, act):
     return P,y
 
 def _held_out(learn, dl, ds_idx):
-    "`dl` as something `get_preds` runs on: a loader as it is, items through `dls.test_dl` with their labels"
+    "`dl` as something `get_preds` runs on: a loader as it is, an index into `dls`, items through `dls.test_dl` with their labels"
+    if isinstance(dl, DataLoaders):
+        raise ValueError("`dl` must be one `DataLoader` (e.g. `dls.valid`), an index into `learn.dls`, or labelled items; "
+                         "got a `DataLoaders`.")
+    if isinstance(dl, int) and not isinstance(dl, bool): dl,ds_idx = None,dl
+    if (dl is None and ds_idx == 0) or (dl is not None and dl is learn.dls.train):
+        warnings.warn("Calibrating on the training data: the model fits it better than new data, so T comes out too low "
+                      "and the calibrated model is overconfident. Calibrate on held-out items.")
     if dl is None: return learn.dls[ds_idx].new(shuffle=False, drop_last=False)
     if isinstance(dl, torch.utils.data.DataLoader) or hasattr(dl, 'one_batch'): return dl
     return learn.dls.test_dl(dl, with_labels=True)
@@ -152,7 +160,7 @@ def _temperature_cb(learn):
 
 @patch
 def calibrate(self:Learner,
-    dl=None, # Held-out data to fit `T` on: a `DataLoader`, or labelled items for `dls.test_dl`; None: `dls[ds_idx]`
+    dl=None, # Held-out data to fit `T` on: a `DataLoader`, an index into `dls`, or labelled items for `dls.test_dl`; None: `dls[ds_idx]`
     ds_idx:int=1, # Index of `dls` when `dl` is None (1: the validation set)
     max_iter:int=100, # LBFGS iterations of `fit_temperature`
 ) -> TemperatureFit:
