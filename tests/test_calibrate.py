@@ -104,8 +104,10 @@ def test_second_calibrate_refits_from_raw_logits(image_learner):
     second = calibrated(learn)
     assert second.T == pytest.approx(first.T, rel=1e-9) and second.nll_before == pytest.approx(first.nll_before, rel=1e-9)
     assert len([c for c in learn.cbs if isinstance(c, TemperatureScaling)]) == 1
+    assert learn.model.state_dict()._metadata[''].get('cskd_fastai.temperature') == first.T   # where `save` finds T
     learn.uncalibrate()
     assert not any(isinstance(c, TemperatureScaling) for c in learn.cbs)
+    assert 'cskd_fastai.temperature' not in learn.model.state_dict()._metadata['']   # the model's hooks went with it
     z, _ = raw_logits(learn)
     torch.testing.assert_close(preds(learn), F.softmax(z, 1))
     assert calibrated(learn).T == pytest.approx(first.T, rel=1e-9)
