@@ -7,7 +7,6 @@ Docs: https://cskd-fastai.readthedocs.io/interpret.html.md"""
 # %% ../nbs/05_interpret.ipynb #6dd0372f
 from __future__ import annotations
 import inspect, math, warnings
-from copy import copy, deepcopy
 from functools import partial
 
 import numpy as np
@@ -80,13 +79,6 @@ class CalibrationInterpretation(Interpretation):
     def __len__(self): return len(self._y)
     def __repr__(self):
         return f"{type(self).__name__}({self.label!r}: {len(self)} predictions, {self._P.shape[1]} classes)"
-    def __deepcopy__(self, memo):
-        "A copy that shares the learner, its DataLoader and `act` (pandas deep-copies a DataFrame's `attrs` at every step)"
-        res = copy(self)
-        memo[id(self)] = res
-        for k,v in self.__dict__.items():
-            if k not in ('learn', 'dl', 'act'): setattr(res, k, deepcopy(v, memo))
-        return res
 
     @classmethod
     def from_probs(cls, probs, targs, name=None, vocab=None):

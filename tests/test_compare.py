@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from cskd_fastai.compare import compare, main, image_folder, results_table
+from cskd_fastai.compare import compare, image_folder, results_table
+from cskd_fastai.cli import main
 
 EXE = Path(sys.executable).parent/'cskd-fastai'
 
@@ -26,7 +27,7 @@ def test_help():
 def test_cli_defaults_are_compare_defaults():
     "The command line's defaults are read from `compare`'s signature, not repeated"
     import inspect
-    from cskd_fastai.compare import _parser
+    from cskd_fastai.cli import _parser
     a = vars(_parser().parse_args(['compare'])); a.pop('command')
     sig = inspect.signature(compare).parameters
     assert set(a) == set(sig) - {'learner'}
@@ -39,18 +40,22 @@ def test_default_one_epoch_writes_results(tmp_path):
     out = tmp_path/'res'
     r = _run('compare', '--epochs', '1', '--seeds', '0', '--out', str(out), '--quiet')
     assert r.returncode == 0, r.stderr
-    assert 'cross-entropy' in r.stdout and 'CS-KD' in r.stdout and "'valid' split" in r.stdout
-    assert '300 training' in r.stdout                      # the bundled default keeps 30 images a class
-    for s in ['CS-KD vs cross-entropy, top-1 error:', 'CS-KD vs cross-entropy, NLL:', 'CS-KD vs cross-entropy, ECE:',
-              'The KD term (CS-KD vs partner pass, no KD term), ECE:', 'The partner pass (partner pass, no KD term vs cross-entropy), NLL:',
-              'CS-KD vs the calibrated baseline (cross-entropy + temperature), ECE:',
-              'CS-KD + temperature vs cross-entropy + temperature, NLL:',
-              'nothing can be concluded about its sign', 'Regime: cross-entropy ends', 'regime_study', 'One seed']:
-        assert s in r.stdout, s
-    assert not re.search(r'default\D{0,20}\d+ epochs|\d+ epochs\D{0,20}default', r.stdout)   # the note names no default run length
-    assert ' better ' not in r.stdout and ' worse ' not in r.stdout          # one seed: no sign
+    text = ' '.join(r.stdout.split())
+    assert 'cross-entropy' in text and 'CS-KD' in text and "'valid' split" in text
+    assert '300 training items' in text                   # the bundled default keeps 30 images a class
+    # the report: the table of methods, the paired differences (one seed: no interval), then the bottom line, last
+    for s in ['top-1 error (%)', 'NLL', 'ECE (%)', 'CS-KD vs cross-entropy', 'The KD term: CS-KD vs partner pass',
+              'The partner pass: partner pass', 'CS-KD vs cross-entropy + temperature',
+              'CS-KD + temperature vs cross-entropy + temperature', 'one seed, so no interval', 'One seed']:
+        assert s in text, s
+    paras = r.stdout.strip().split('\n\n')
+    assert paras[-1].startswith('Bottom line:') and 'report.html' in paras[0]
+    assert max(map(len, r.stdout.splitlines())) <= 100
+    assert not re.search(r'default\D{0,20}\d+ epochs|\d+ epochs\D{0,20}default', r.stdout)   # the output names no default run length
+    assert not re.search(r'\b(better|worse|no clear difference)$', r.stdout, re.M)     # one seed: no verdict
     names = {f.name for f in out.iterdir()}
-    assert names == {'config.json', 'runs', 'results.json', 'results.csv', 'predictions.npz', 'curves.csv', 'reliability.png', 'curves.png'}
+    assert names == {'config.json', 'runs', 'results.json', 'results.csv', 'predictions.npz', 'curves.csv', 'reliability.png', 'curves.png',
+                     'report.html'}
     js = json.loads((out/'results.json').read_text())
     assert [s['method'] for s in js['summary']] == ['ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts'] and len(js['runs']) == 5
     for s in js['summary']:
@@ -69,19 +74,19 @@ def test_default_one_epoch_writes_results(tmp_path):
 def test_seeds_give_mean_and_std_and_same_seed_reproduces():
     import statistics
     res = compare(methods=('ce',), epochs=1, seeds=(0, 1), n_per_class=30, calib_pct=0, verbose=False)
-    assert res.loc['ce', 'n_seeds'] == 2
+    assert res.table.loc['ce', 'n_seeds'] == 2
     # each seed's NLL and error from its saved predictions, computed here, then mean and sample std by hand
-    preds = res.attrs['preds']
+    preds = res.preds
     nlls, errs = [], []
     for seed in (0, 1):
         p, t = preds[f'ce/{seed}/probs'].astype(np.float64), preds[f'ce/{seed}/targs']
         nlls.append(float(-np.log(np.maximum(p[np.arange(len(t)), t], 1e-12)).mean()))
         errs.append(float((p.argmax(1) != t).mean()))
-    assert res.loc['ce', 'nll'] == pytest.approx(statistics.mean(nlls), rel=1e-4)
-    assert res.loc['ce', 'nll_std'] == pytest.approx(statistics.stdev(nlls), rel=1e-3, abs=1e-6)
-    assert res.loc['ce', 'top1_err'] == pytest.approx(statistics.mean(errs), abs=1e-6)
+    assert res.table.loc['ce', 'nll'] == pytest.approx(statistics.mean(nlls), rel=1e-4)
+    assert res.table.loc['ce', 'nll_std'] == pytest.approx(statistics.stdev(nlls), rel=1e-3, abs=1e-6)
+    assert res.table.loc['ce', 'top1_err'] == pytest.approx(statistics.mean(errs), abs=1e-6)
     again = compare(methods=('ce',), epochs=1, seeds=(1,), n_per_class=30, calib_pct=0, verbose=False)
-    assert again.loc['ce', 'nll'] == pytest.approx(nlls[1], rel=1e-4)
+    assert again.table.loc['ce', 'nll'] == pytest.approx(nlls[1], rel=1e-4)
     t = results_table(res)
     assert '±' in t.loc['cross-entropy', 'NLL']
 
@@ -106,7 +111,8 @@ def test_tgz_with_test_split_says_where_numbers_come_from(tmp_path, monkeypatch)
              env={'CSKD_FASTAI_CACHE': str(tmp_path/'cache')})
     assert r.returncode == 0, r.stderr
     # 6 training images a class: one of each class (20%, rounded) is set aside to fit temperatures
-    assert "'test' split" in r.stdout and '50 training / 60' in r.stdout and '10 more training items' in r.stdout
+    text = ' '.join(r.stdout.split())
+    assert "'test' split" in text and '50 training items, 10 calibration items' in text and '60 held-out items' in text
     assert (tmp_path/'cache'/'mini'/'.complete').exists()
 
 
@@ -122,7 +128,36 @@ def test_bad_data_is_a_clear_error(tmp_path, make, msg):
 
 def test_bad_hyperparameter_fails_before_training():
     r = _run('compare', '--lam', '-1')
-    assert r.returncode == 2 and '`lam`' in r.stderr
+    assert r.returncode == 2 and '`--lam`' in r.stderr and 'Traceback' not in r.stderr
+
+
+BAD = [(['--bs', '0'], '--bs'), (['--bs', '1', '--methods', 'cskd'], '--bs'), (['--size', '0'], '--size'),
+       (['--n-heldout-per-class', '0'], '--n-heldout-per-class'), (['--workers', '-1'], '--workers'),
+       (['--n-bins', '0'], '--n-bins'), (['--n-per-class', '0'], '--n-per-class'), (['--lr', '-1'], '--lr'),
+       (['--lr', '0'], '--lr'), (['--lr', 'nan'], '--lr'), (['--lr', 'inf'], '--lr'), (['--epochs', '0'], '--epochs'),
+       (['--n-per-class', '5'], '--n-per-class'),            # 50 training items, batch 64: no step would be taken
+       (['--n-per-class', '5', '--bs', '51'], '--bs'), (['--calib-pct', '1'], '--calib-pct'), (['--valid-pct', '0'], '--valid-pct'),
+       (['--T', '0'], '--T'), (['--arch', 'nonet'], '--arch'), (['--seeds', '0', '0'], 'Seeds must differ')]
+
+@pytest.mark.parametrize('args, name', BAD, ids=[' '.join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_before_training(args, name, monkeypatch, capsys):
+    "Each bad option: exit status 2 and one line naming it, and no learner is fitted (a fit would fail the test)"
+    from fastai.learner import Learner
+    def no_fit(self, *a, **k): raise AssertionError("a run trained")
+    monkeypatch.setattr(Learner, 'fit', no_fit)
+    assert main(['compare', *args, '--quiet']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('cskd-fastai: error:'), err
+    assert (f'`{name}`' if name.startswith('--') else name) in err, err
+
+
+def test_out_naming_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    from fastai.learner import Learner
+    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: pytest.fail("a run trained"))
+    f = tmp_path/'results.txt'; f.write_text('mine')
+    assert main(['compare', '--out', str(f), '--quiet']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '`--out`' in err and f.read_text() == 'mine'
 
 
 def test_interrupt_before_any_run_finished(tmp_path, monkeypatch, capsys):
@@ -138,30 +173,30 @@ def test_interrupt_before_any_run_finished(tmp_path, monkeypatch, capsys):
 def test_cache_method_runs():
     "`--methods cskd-cache` is `CSKD(partner='cache')`: a row of the table, with a KD column in its curves"
     res = compare(methods=('cskd', 'cskd-cache'), epochs=2, n_per_class=30, seeds=(0,), verbose=False)
-    assert list(res.index) == ['cskd', 'cskd-cache'] and res.loc['cskd-cache', 'name'] == 'CS-KD (cache)'
-    assert np.isfinite(res.loc['cskd-cache', ['top1_err', 'nll', 'ece']].astype(float)).all()
-    curves = res.attrs['curves']['cskd-cache'][0]
+    assert res.methods == ['cskd', 'cskd-cache'] and res.table.loc['cskd-cache', 'name'] == 'CS-KD (cache)'
+    assert np.isfinite(res.table.loc['cskd-cache', ['top1_err', 'nll', 'ece']].astype(float)).all()
+    curves = res.curves['cskd-cache'][0]
     assert 'kd_loss' in curves and curves['kd_loss'].iloc[-1] > 0
 
 
 def test_train_error_and_confidence_gap_are_what_the_predictions_say():
     "The regime columns: training error (unaugmented, eval mode) and mean confidence minus accuracy on the held-out split"
     res = compare(methods=('ce',), epochs=2, n_per_class=20, seeds=(0,), verbose=False)
-    p, t = res.attrs['preds']['ce/0/probs'].astype(np.float64), res.attrs['preds']['ce/0/targs']
-    assert res.loc['ce', 'conf_gap'] == pytest.approx(p.max(1).mean() - (p.argmax(1) == t).mean(), abs=1e-5)
+    p, t = res.preds['ce/0/probs'].astype(np.float64), res.preds['ce/0/targs']
+    assert res.table.loc['ce', 'conf_gap'] == pytest.approx(p.max(1).mean() - (p.argmax(1) == t).mean(), abs=1e-5)
     # the training error, computed here without fastai's pipeline: each training PNG read and resized with PIL
     # (what Resize(32) does to these square images; no Normalize, the model is not pretrained), the model in eval mode
     import torch
     from PIL import Image
-    learn = res.attrs['learners']['ce']
+    learn = res.learners['ce']
     items, vocab = learn.dls.train_ds.items, list(learn.dls.vocab)
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert('RGB').resize((32, 32), Image.BILINEAR)).copy())
                      .permute(2, 0, 1).float()/255 for f in items])
     y = torch.tensor([vocab.index(f.parent.name) for f in items])
     learn.model.eval()
     with torch.no_grad(): q = learn.model(x)
-    assert 0 <= res.loc['ce', 'train_err'] <= 1 and len(y) == 200
-    assert res.loc['ce', 'train_err'] == pytest.approx(float((q.argmax(1) != y).float().mean()), abs=1e-6)
+    assert 0 <= res.table.loc['ce', 'train_err'] <= 1 and len(y) == 200
+    assert res.table.loc['ce', 'train_err'] == pytest.approx(float((q.argmax(1) != y).float().mean()), abs=1e-6)
 
 
 def test_predictions_keep_probabilities_below_float32s_range():
@@ -171,7 +206,7 @@ def test_predictions_keep_probabilities_below_float32s_range():
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
     from fastai.torch_core import TensorBase
-    from cskd_fastai.compare import _preds
+    from cskd_fastai.compare_runner import _preds
     x = torch.tensor([[150., 0., 10.], [0., 30., 0.]])
     y = torch.tensor([1, 1])
     dl = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=2, device='cpu').valid
@@ -188,29 +223,29 @@ def test_predictions_keep_probabilities_below_float32s_range():
 def test_held_out_images_in_memory_change_nothing(monkeypatch, tmp_path):
     "Image folders: the held-out items kept in memory give the batches, and the results, of fastai's own loader"
     import torch
-    import cskd_fastai.compare as C
+    import cskd_fastai.compare_data as C
     kw = dict(methods=('ce', 'ce+ts'), epochs=1, seeds=(0,), n_per_class=10, verbose=False)
     args = (None, 0.2, None, None, 64, 32, None, 0.2, None)
-    kept = C._Source(*args).dls(0)
+    kept = C.ComparisonData(*args).dls(0)
     assert isinstance(kept.valid.dataset, C._Items)
     a = compare(**kw)
     import matplotlib; matplotlib.use('Agg')
-    learn = a.attrs['learners']['ce']
+    learn = a.learners['ce']
     assert not isinstance(learn.dls.valid.dataset, C._Items)      # the learner handed back reads files again
     f = Path(learn.dls.valid.dataset.items[0])
     with learn.no_bar():
         learn.show_results(max_n=2)
         assert learn.predict(f)[0] in learn.dls.vocab
     learn.export(tmp_path/'learner.pkl')
-    assert C._Source(*args).fingerprint == C._Source(*args).fingerprint
+    assert C.ComparisonData(*args).fingerprint == C.ComparisonData(*args).fingerprint
     monkeypatch.setattr(C, '_HELD_OUT_BYTES', 0)                  # too big to keep: fastai's loader as it is
-    plain = C._Source(*args).dls(0)
+    plain = C.ComparisonData(*args).dls(0)
     assert not isinstance(plain.valid.dataset, C._Items) and len(plain.valid.dataset) == len(kept.valid.dataset)
     for x, y in zip(kept.valid.new(shuffle=False), plain.valid.new(shuffle=False)):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     b = compare(**kw)
-    for k, v in a.attrs['preds'].items(): np.testing.assert_allclose(v, b.attrs['preds'][k], rtol=1e-5, atol=1e-7, err_msg=k)
-    assert a.loc['ce+ts', 'temperature'] == pytest.approx(b.loc['ce+ts', 'temperature'], rel=1e-4)
+    for k, v in a.preds.items(): np.testing.assert_allclose(v, b.preds[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert a.table.loc['ce+ts', 'temperature'] == pytest.approx(b.table.loc['ce+ts', 'temperature'], rel=1e-4)
 
 
 def test_calibration_items_get_the_learners_batch_transforms(monkeypatch):
@@ -219,18 +254,18 @@ def test_calibration_items_get_the_learners_batch_transforms(monkeypatch):
     import torch
     from PIL import Image
     from fastai.vision.all import vision_learner, Normalize, imagenet_stats
-    import cskd_fastai.compare as C
+    import cskd_fastai.compare_runner as C
     seen, orig = [], C.fit_temperature
     monkeypatch.setattr(C, 'fit_temperature', lambda P, y, *a, **k: seen.append(np.array(P)) or orig(P, y, *a, **k))
     def learner(dls, **kw):
         dls.add_tfms([Normalize.from_stats(*imagenet_stats)], 'after_batch')
         return vision_learner(dls, 'resnet10t', pretrained=False, **kw)
     res = compare(methods=('ce', 'ce+ts'), epochs=1, seeds=(0,), n_per_class=10, learner=learner, verbose=False)
-    calib = [Path(f) for f in res.attrs['items']['calib']]
+    calib = [Path(f) for f in res.items['calib']]
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in imagenet_stats)
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert('RGB').resize((32, 32), Image.BILINEAR)).copy())
                      .permute(2, 0, 1).float()/255 for f in calib])
-    learn = res.attrs['learners']['ce']
+    learn = res.learners['ce']
     learn.model.eval()
     with torch.no_grad(): q = torch.softmax(learn.model((x - mean)/std), 1).numpy()
     assert len(seen) == 1

@@ -33,17 +33,18 @@ def test_csv_with_valid_column(tmp_path):
     r = _run('compare', '--data', str(csv), '--epochs', '1', '--bs', '16', '--methods', 'ce', 'ce+ts', '--seeds', '0', '--quiet')
     assert r.returncode == 0, r.stderr
     # 8 training rows a class: 2 (20%, rounded) set aside for the temperature, 6 trained on; the 4 `is_valid` rows evaluate
-    assert "labels.csv: 60 training / 40 'valid' items; 20 more training items" in r.stdout, r.stdout
-    assert 'cross-entropy + temperature' in r.stdout
+    text = ' '.join(r.stdout.split())
+    assert "labels.csv: 60 training items, 20 calibration items" in text and "40 held-out items (the 'valid' split)" in text, r.stdout
+    assert 'cross-entropy + temperature' in text
 
 
 def test_csv_without_valid_column_holds_out_a_fixed_share(tmp_path):
     csv = _csv_set(tmp_path)
     res = compare(csv, methods=('ce',), epochs=1, bs=16, seeds=(0,), calib_pct=0, verbose=False)
-    c = res.attrs['config']
+    c = res.config
     assert (c['n_train'], c['n_heldout'], c['valid_pct']) == (96, 24, 0.2)        # 120 rows, 20% held out
     again = compare(csv, methods=('ce',), epochs=1, bs=16, seeds=(1,), calib_pct=0, verbose=False)
-    assert set(res.attrs['items']['train']) == set(again.attrs['items']['train'])    # the split does not follow the run's seed
+    assert set(res.items['train']) == set(again.items['train'])    # the split does not follow the run's seed
 
 
 def test_csv_errors(tmp_path):
@@ -71,22 +72,23 @@ def test_tabular_dataloaders():
     dls, valid_idx = _wine_dls()
     res = compare(dls, learner=partial(tabular_learner, layers=[32]), methods=('ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts'),
                   epochs=3, lr=1e-2, seeds=(0, 1), verbose=False)
-    assert list(res.index) == ['ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts']
-    assert np.isfinite(res[['top1_err', 'nll', 'ece', 'train_err']].to_numpy(float)).all()
-    assert (res.loc[['ce+ts', 'cskd+ts'], 'temperature'] > 0).all()
+    assert res.methods == ['ce', 'pass', 'cskd', 'ce+ts', 'cskd+ts']
+    assert np.isfinite(res.table[['top1_err', 'nll', 'ece', 'train_err']].to_numpy(float)).all()
+    assert (res.table.loc[['ce+ts', 'cskd+ts'], 'temperature'] > 0).all()
     # the calibration rows are training rows: never held-out, never trained on; 20% of each class of the training rows
-    calib, train = set(res.attrs['items']['calib']), set(res.attrs['items']['train'])
+    calib, train = set(res.items['calib']), set(res.items['train'])
     assert not calib & valid_idx and not calib & train and not train & valid_idx
     n_train_rows = 178 - len(valid_idx)
-    assert len(calib) + len(train) == n_train_rows and len(res.attrs['preds']['ce/0/targs']) == len(valid_idx)
+    assert len(calib) + len(train) == n_train_rows and len(res.preds['ce/0/targs']) == len(valid_idx)
     from sklearn.datasets import load_wine
     y = load_wine().target
     for c in range(3): assert sum(y[i] == c for i in calib) == round(0.2*sum(y[i] == c for i in range(178) if i not in valid_idx))
-    c = res.attrs['config']
+    c = res.config
     assert c['learner'] == 'tabular_learner' and c['arch'] is None and c['size'] is None
     from cskd_fastai.compare import report
-    text = report(res)
-    assert 'The KD term (CS-KD vs partner pass, no KD term), NLL:' in text and '2 seeds' in text and 'the learner tabular_learner' in text
+    text = ' '.join(report(res).split())
+    assert 'The KD term: CS-KD vs partner pass' in text and '2 seeds' in text and 'the learner tabular_learner' in text
+    assert text.count('Bottom line:') == 1
 
 
 def test_function_of_the_seed():
@@ -95,7 +97,7 @@ def test_function_of_the_seed():
     calls = []
     def make(seed): calls.append(seed); return _wine_dls(bs=16)[0]
     res = compare(make, learner=partial(tabular_learner, layers=[16]), methods=('ce', 'ce+ts'), epochs=1, seeds=(3, 4), verbose=False)
-    assert sorted(set(calls)) == [0, 3, 4] and res.loc['ce', 'n_seeds'] == 2      # 0: the split is read once, first
+    assert sorted(set(calls)) == [0, 3, 4] and res.table.loc['ce', 'n_seeds'] == 2      # 0: the split is read once, first
 
 
 def test_function_of_the_seed_must_keep_the_split():
@@ -130,7 +132,7 @@ def test_dataloaders_without_items():
     make = lambda dls, **kw: Learner(dls, torch.nn.Linear(4, 3), loss_func=torch.nn.CrossEntropyLoss(), **kw)
     with pytest.raises(ValueError, match='`calib_pct`'): compare(dls, learner=make, methods=('ce', 'ce+ts'), epochs=1, seeds=(0,), verbose=False)
     res = compare(dls, learner=make, methods=('ce',), calib_pct=0, epochs=1, seeds=(0,), verbose=False)
-    assert np.isfinite(res.loc['ce', 'nll']) and np.isnan(res.loc['ce', 'train_err'])
+    assert np.isfinite(res.table.loc['ce', 'nll']) and np.isnan(res.table.loc['ce', 'train_err'])
 
 
 def _text_dls():
@@ -147,9 +149,9 @@ def test_text_dataloaders():
     from fastai.text.all import text_classifier_learner, AWD_LSTM
     res = compare(_text_dls(), learner=partial(text_classifier_learner, arch=AWD_LSTM, pretrained=False),
                   methods=('ce', 'pass', 'cskd', 'ce+ts'), epochs=1, seeds=(0,), verbose=False)
-    assert list(res.index) == ['ce', 'pass', 'cskd', 'ce+ts']
-    assert np.isfinite(res[['top1_err', 'nll', 'ece', 'train_err']].to_numpy(float)).all()
-    assert res.attrs['curves']['cskd'][0]['kd_loss'].iloc[-1] > 0
-    calib, train = set(res.attrs['items']['calib']), set(res.attrs['items']['train'])    # the table's row labels
+    assert res.methods == ['ce', 'pass', 'cskd', 'ce+ts']
+    assert np.isfinite(res.table[['top1_err', 'nll', 'ece', 'train_err']].to_numpy(float)).all()
+    assert res.curves['cskd'][0]['kd_loss'].iloc[-1] > 0
+    calib, train = set(res.items['calib']), set(res.items['train'])    # the table's row labels
     assert len(calib) == 24 and not calib & train and calib | train == set(range(120))     # rows 120-159 are `is_valid`
-    assert len(res.attrs['preds']['ce/0/targs']) == 40
+    assert len(res.preds['ce/0/targs']) == 40

@@ -1,103 +1,158 @@
-"The numbers `compare` prints about the regime study, recomputed from the study's saved results with code of their own"
-import json
+"""The studies' figures that `compare`'s report quotes (cskd_fastai/evidence.json): the file is what tools/make_evidence.py
+recomputes from the saved runs, each row is recomputed here again with code of its own, every measured setting is a row,
+and the numbers the report prints are the file's"""
+import importlib.util, json, re, sys
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import pytest
-from cskd_fastai.compare import EVIDENCE, DEFAULT_NOTE, LAM_SWEEP
 
-STUDY = Path(__file__).parents[1]/'nbs'/'tutorials'/'regime_study'
-
-
-def _load(stem, study='regime_study'):
-    f = STUDY.parent/study/f'{stem}.json'
-    if not f.exists(): pytest.fail(f"{f} is missing: `compare` quotes it")
-    return json.loads(f.read_text())
+ROOT = Path(__file__).resolve().parents[1]
+TUT = ROOT/'nbs'/'tutorials'
+FILE = ROOT/'cskd_fastai'/'evidence.json'
 
 
-def _pts(x): return round(100*float(x), 1)
+def _tool():
+    spec = importlib.util.spec_from_file_location('make_evidence', ROOT/'tools'/'make_evidence.py')
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+EV = json.loads(FILE.read_text(encoding='utf-8'))
 
 
+def test_the_file_is_what_the_saved_runs_give():
+    "Rerun `python tools/make_evidence.py` (and commit the file) when this fails after new study runs"
+    tool = _tool()
+    assert FILE.read_text(encoding='utf-8') == tool.dumps(tool.build())
+
+
+def test_the_package_reads_the_file():
+    from cskd_fastai.compare_report import evidence
+    assert evidence() == EV and EV['runs'] and EV['lam_sweeps']
+
+
+# ------------------------------------------------------------------------------- each row again, with code of its own
 def _ece(P, y, M=15):
     "Expected calibration error with M equal-width bins ((m-1)/M, m/M], a confidence of 0 in the first"
     conf, hit = P.max(1), (P.argmax(1) == y).astype(float)
     b = np.clip(np.ceil(conf*M).astype(int) - 1, 0, M - 1)
     return sum(abs(hit[b == m].mean() - conf[b == m].mean())*(b == m).mean() for m in range(M) if (b == m).any())
 
+def _figures(ref):
+    "(method, seed, error %, NLL, ECE %, confidence minus accuracy %) of a run: a per-run JSON, or 'predictions.npz:method/seed'"
+    if ':' in ref:
+        f, key = ref.split(':')
+        m, s = key.split('/')
+        with np.load(ROOT/f) as z: P, y = z[f'{key}/probs'].astype(np.float64), z[f'{key}/targs'].astype(int)
+        acc = (P.argmax(1) == y).mean()
+        return m, int(s), 100*(1 - acc), -np.log(P[np.arange(len(y)), y]).mean(), 100*_ece(P, y), 100*(P.max(1).mean() - acc)
+    r = json.loads((ROOT/ref).read_text())
+    return r['method'], r['seed'], 100*r['test_err'], r['test_nll'], 100*r['test_ece'], 100*(r['mean_conf'] - (1 - r['test_err']))
 
-def _point(study, ce_keys, cskd_keys):
-    "Cross-entropy's overconfidence and CS-KD's ECE minus cross-entropy's (points), and the runs' settings"
-    if not (Path(__file__).parents[1]/'nbs'/'tutorials'/study/'results.json').exists():      # a folder of per-run JSONs
-        ce, cskd = [[_load(s, study) for s in keys] for keys in (ce_keys, cskd_keys)]
-        assert [r['method'] for r in ce] == ['ce']*len(ce) and [r['method'] for r in cskd] == ['cskd']*len(cskd)
-        assert sorted(r['seed'] for r in ce) == sorted(r['seed'] for r in cskd)          # paired seeds
-        assert len({(r['epochs'], r.get('frac'), r['n_train']) for r in ce + cskd}) == 1     # one setting per point
-        gap = np.mean([r['mean_conf'] - (1 - r['test_err']) for r in ce])
-        d_ece = np.mean([r['test_ece'] for r in cskd]) - np.mean([r['test_ece'] for r in ce])
-        return gap, d_ece, dict(n=len(ce), epochs=ce[0]['epochs'], n_train=ce[0]['n_train'])
-    # a `compare` folder: everything recomputed from the saved held-out probabilities
-    d = Path(__file__).parents[1]/'nbs'/'tutorials'/study
-    z, cfg = np.load(d/'predictions.npz'), json.loads((d/'results.json').read_text())['config']
-    P = lambda k: (z[f'{k}/probs'].astype(np.float64), z[f'{k}/targs'])
-    gap = np.mean([p.max(1).mean() - (p.argmax(1) == y).mean() for p, y in map(P, ce_keys)])
-    d_ece = np.mean([_ece(*P(k)) for k in cskd_keys]) - np.mean([_ece(*P(k)) for k in ce_keys])
-    return gap, d_ece, dict(n=len(ce_keys), epochs=cfg['epochs'], n_train=cfg['n_train'], arch=cfg['arch'])
-
-
-@pytest.mark.parametrize('e', EVIDENCE, ids=[e['run'] for e in EVIDENCE])
-def test_each_evidence_point_is_what_the_saved_runs_say(e):
-    gap, d_ece, s = _point(*e['files'])
-    assert (e['ce_gap'], e['d_ece']) == (_pts(gap), _pts(d_ece))
-    assert f"{s['n']} seed{'s' if s['n'] > 1 else ''}" in e['run'] and f"{s['epochs']} " in e['run'] and f"{s['n_train']:,} images" in e['run']
-    if 'arch' in s: assert s['arch'] in e['run']
-
-
-def test_notebook_training_accuracy_sentence():
-    "The compare page's example of a run not fitted yet, whose CS-KD ECE gain was already large"
-    nb = json.loads((Path(__file__).parents[1]/'nbs'/'06_compare.ipynb').read_text())
-    text = ' '.join(' '.join(''.join(c['source']) for c in nb['cells']).split())
-    r = _load('ce_s0_f030')
-    assert r['epochs'] == 60 and f"with 60 of 200 epochs cross-entropy had {round(100*r['train_acc'])}% training accuracy" in text
-
-
-def test_default_note_numbers():
-    "The note after the digits' default run: CIFAR-10, 200 epochs, 3 seeds"
-    ce = [_load(f'ce_s{s}_f100') for s in range(3)]
-    cskd = [_load(f'cskd_s{s}_f100') for s in range(3)]
-    assert all(r['epochs'] == 200 for r in ce + cskd)
-    gap = _pts(np.mean([r['mean_conf'] - (1 - r['test_err']) for r in ce]))
-    ece_ce, ece_cskd = _pts(np.mean([r['test_ece'] for r in ce])), _pts(np.mean([r['test_ece'] for r in cskd]))
-    ts_ce = _pts(np.mean([r['ts_ece'] for r in ce]))
-    note = ' '.join(DEFAULT_NOTE.split())
-    assert f"cross-entropy ended {gap} points overconfident" in note
-    assert f"CS-KD took its ECE from {ece_ce}% to {ece_cskd}%" in note
-    assert f"took it to {ts_ce}%" in note and '3 seeds' in note and '200 epochs' in note
-    assert 'epochs' not in note.split('CIFAR-10')[0]            # nothing about the digits run's own length
-
-
-def test_lambda_sweep():
-    "The λ sweep behind the advice: CS-KD's confidence minus accuracy for each λ, one run each, the same setting"
-    rs = [_load(f) for f in LAM_SWEEP['files']]
-    lam = lambda r: 1. if r['method'] == 'cskd' else float(r['method'].split('cskd-lam')[1])    # the paper's λ=1 unless named
-    assert [(lam(r), _pts(r['mean_conf'] - (1 - r['test_err']))) for r in rs] == LAM_SWEEP['points']
-    assert len({(r['epochs'], r['frac'], r['seed'], r['n_train']) for r in rs}) == 1
-    r = rs[0]
-    assert f"seed {r['seed']}" in LAM_SWEEP['run'] and f"{r['epochs']} of 200 epochs" in LAM_SWEEP['run'] and f"{r['n_train']:,} images" in LAM_SWEEP['run']
-    g = [p[1] for p in sorted(LAM_SWEEP['points'])]
-    assert g == sorted(g, reverse=True)           # confidence falls as λ grows: what the advice says
-
-
-def test_finetune_numbers():
-    "The fine-tuning line: CS-KD minus cross-entropy after fine_tune(8), paired over 3 seeds, 95% Student-t intervals"
+def _interval(d):
     from scipy import stats
-    from cskd_fastai.compare import FINETUNE, _finetune_line
-    d = STUDY.parent/'finetune_study'
-    for n, err, ece in FINETUNE:
-        pairs = [[json.loads((d/f'{m}_n{n:03d}_e8_s{s}.json').read_text()) for m in ('ce', 'cskd')] for s in range(3)]
-        assert all(a['seed'] == b['seed'] and a['n_per_class'] == b['n_per_class'] == n and a['epochs'] == b['epochs'] == 8
-                   for a, b in pairs)
-        for key, said in (('test_err', err), ('test_ece', ece)):
-            x = np.array([100*(b[key] - a[key]) for a, b in pairs])
-            h = stats.t.ppf(0.975, len(x) - 1)*x.std(ddof=1)/np.sqrt(len(x))
-            assert said == tuple(round(v, 1) for v in (x.mean(), x.mean() - h, x.mean() + h))
-    line = _finetune_line()
-    assert '3 seeds' in line and 'fine_tune(8)' in line
+    d = np.asarray(d, float)
+    if len(d) < 2: return d.mean(), None, None
+    h = stats.t.ppf(0.975, len(d) - 1)*d.std(ddof=1)/np.sqrt(len(d))
+    return d.mean(), d.mean() - h, d.mean() + h
+
+def _same(said, v, nd):
+    return said is None if v is None else said == pytest.approx(round(float(v), nd), abs=1.01*10**-nd)   # rounding of a float sum
+
+@pytest.mark.parametrize('row', EV['runs'], ids=[f"{r['study']}: {r['setting']}, {r['method']}" for r in EV['runs']])
+def test_each_row_is_what_its_files_say(row):
+    ce = [_figures(f) for f in row['files']['ce']]
+    ck = [_figures(f) for f in row['files'][row['method']]]
+    paper = FOLDERS.get(row['study'], (None, 'cskd'))[1] if row['method'] == 'cskd' else row['method']   # its name in the files
+    assert [r[0] for r in ce] == ['ce']*len(ce) and [r[0] for r in ck] == [paper]*len(ck)
+    assert [r[1] for r in ce] == [r[1] for r in ck] == row['seeds']                  # paired by seed
+    assert _same(row['ce_gap'], np.mean([r[5] for r in ce]), 1) and _same(row['ce_ece'], np.mean([r[4] for r in ce]), 1)
+    assert _same(row['ce_err'], np.mean([r[2] for r in ce]), 1)
+    for k, i, nd in (('err', 2, 1), ('nll', 3, 3), ('ece', 4, 1)):
+        m, lo, hi = _interval([b[i] - a[i] for a, b in zip(ce, ck)])
+        assert _same(row[f'd_{k}'], m, nd) and _same(row[f'd_{k}_lo'], lo, nd) and _same(row[f'd_{k}_hi'], hi, nd), k
+    for f in row['files']['ce'] + row['files'][row['method']]: assert (ROOT/f.split(':')[0]).exists(), f
+
+
+# ------------------------------------------------------------------------------- every measured setting is a row
+# folder -> the fields that name a setting, and the name of the paper's CS-KD in its files
+FOLDERS = {'regime_study': (('frac',), 'cskd'), 'finetune_study': (('n_per_class', 'epochs'), 'cskd'),
+           'digits_study': (('n_per_class', 'epochs'), 'cskd'), 'dropout_study/digits': (('n_per_class', 'epochs'), 'cskd'),
+           'dropout_study/finetune': (('n_per_class', 'epochs'), 'cskd-drop'),
+           'dropout_study/finetune_strong': (('n_per_class', 'epochs'), 'cskd-drop')}
+
+@pytest.mark.parametrize('folder', [f for f in FOLDERS if (TUT/f).is_dir()])
+def test_every_setting_with_both_methods_is_a_row(folder):
+    "Each setting where cross-entropy and the paper's CS-KD share a seed is one row, whichever way CS-KD moved ECE"
+    runs = [json.loads(f.read_text()) for f in sorted((TUT/folder).glob('*.json'))]
+    runs = [r for r in runs if 'method' in r and 'test_ece' in r]
+    keys, paper = FOLDERS[folder]
+    seeds = lambda m, key: {r['seed'] for r in runs if r['method'] == m and tuple(r[k] for k in keys) == key}
+    settings = {tuple(r[k] for k in keys) for r in runs}
+    expect = sorted(sorted(seeds('ce', k) & seeds(paper, k)) for k in settings if seeds('ce', k) & seeds(paper, k))
+    got = sorted(r['seeds'] for r in EV['runs'] if r['study'] == folder and r['method'] == 'cskd')
+    assert got == expect
+
+def test_the_compare_folder_study_is_a_row():
+    d = TUT/'cifar10_study'
+    if not (d/'predictions.npz').exists(): pytest.skip("no CIFAR-10 study results")
+    keys = np.load(d/'predictions.npz').files
+    seeds = lambda m: sorted(int(k.split('/')[1]) for k in keys if k.startswith(f'{m}/') and k.endswith('/probs'))
+    rows = [r for r in EV['runs'] if r['study'] == 'cifar10_study' and r['method'] == 'cskd']
+    assert [r['seeds'] for r in rows] == [sorted(set(seeds('ce')) & set(seeds('cskd')))]
+
+
+def test_lambda_sweeps():
+    "Each sweep: CS-KD's confidence minus accuracy per λ in one setting and seed, from its files; confidence falls as λ grows (the advice)"
+    for sw in EV['lam_sweeps']:
+        rs = [json.loads((ROOT/f).read_text()) for f in sw['files']]
+        lam = lambda r: 1. if r['method'] == 'cskd' else float(r['method'].split('cskd-lam')[1])
+        assert [[lam(r), round(100*(r['mean_conf'] - (1 - r['test_err'])), 1)] for r in rs] == sw['points']
+        assert len({(r['epochs'], r['frac'], r['seed'], r['n_train']) for r in rs}) == 1 and rs[0]['seed'] == sw['seed']
+        g = [p[1] for p in sorted(sw['points'])]
+        assert g == sorted(g, reverse=True)
+
+
+# ------------------------------------------------------------------------------- the printed numbers are the file's
+def _fake(conf_gap, top1_err=(.10, .09), pretrained=False):
+    "A `CompareResult` of made-up figures for cross-entropy and CS-KD, 3 seeds, 10 balanced classes"
+    from cskd_fastai.compare import CompareResult, _summarise
+    runs = pd.DataFrame(dict(method=['ce', 'cskd']*3, seed=[0, 0, 1, 1, 2, 2], top1_err=list(top1_err)*3, nll=[.3, .3]*3,
+                             ece=[.05, .04, .06, .04, .05, .03], conf_gap=list(conf_gap)*3))
+    y = np.arange(100) % 10
+    preds = {f'{m}/{s}/{k}': v for m in ('ce', 'cskd') for s in range(3) for k, v in (('probs', np.full((100, 10), .1)), ('targs', y))}
+    cfg = dict(data='x', split='valid', n_train=10, n_heldout=100, arch='resnet10t', pretrained=pretrained, epochs=1, lr=1e-3,
+               T=4., lam=1., seeds=[0, 1, 2], n_bins=15)
+    return CompareResult(_summarise(runs, ['ce', 'cskd']), runs, preds, {}, {}, {}, cfg)
+
+def _numbers(text): return re.findall(r'[+-]\d+\.\d', text)
+
+@pytest.mark.parametrize('pretrained', [False, True])
+def test_the_closest_measured_run_is_quoted_as_the_file_has_it(pretrained):
+    from cskd_fastai.compare_report import bottom_line
+    pool = [r for r in EV['runs'] if r['method'] == 'cskd' and r['pretrained'] == pretrained]
+    for target in pool:
+        text = ' '.join(bottom_line(_fake((target['ce_gap']/100, 0.), pretrained=pretrained)).split())
+        near = min(pool, key=lambda r: abs(r['ce_gap'] - target['ce_gap']))
+        assert near['setting'] in text and near['title'] in text
+        nums = _numbers(text.split('Next:')[1])
+        assert nums[1:3] == [f"{near['ce_gap']:+.1f}", f"{near['d_ece']:+.1f}"], (nums, near)
+
+def test_the_lambda_sweep_is_quoted_as_the_file_has_it():
+    from cskd_fastai.compare_report import bottom_line
+    sw = max(EV['lam_sweeps'], key=lambda s: len(s['points']))
+    for gap in (-.09, .09):
+        text = ' '.join(bottom_line(_fake((0., gap))).split())
+        after = text.split('λ sweep')[1]
+        assert sw['setting'] in after and sw['title'] in text
+        assert _numbers(after.split('gave CS-KD')[1]) == [f"{p[1]:+.1f}" for p in sw['points']]
+        assert ' / '.join(f"{p[0]:g}" for p in sw['points']) in after
+
+def test_the_evidence_table_shows_the_file():
+    from cskd_fastai.compare_report import evidence_table
+    t = evidence_table()
+    assert len(t) == len(EV['runs'])
+    rows = sorted(EV['runs'], key=lambda r: r['ce_gap'])
+    assert list(t['CE confidence - accuracy']) == [f"{r['ce_gap']:+.1f}" for r in rows]
+    assert [s.split(' ')[0] for s in t['Δ ECE']] == [f"{r['d_ece']:+.1f}" for r in rows]

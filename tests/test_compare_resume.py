@@ -3,7 +3,10 @@ import json
 from pathlib import Path
 import numpy as np
 import pytest
-from cskd_fastai.compare import compare, main, _atomic_write
+from cskd_fastai.compare import compare
+from cskd_fastai.cli import main
+from cskd_fastai.compare_runner import RunFailed
+from cskd_fastai.compare_store import _atomic_write
 from cskd_fastai.datasets import image_folder
 
 
@@ -77,19 +80,19 @@ def test_temperature_is_fitted_on_calibration_items_only(monkeypatch):
     "The '+ts' temperature sees the set-aside training images, checked here from the folder and the model, never held-out ones"
     import torch
     from PIL import Image
-    import cskd_fastai.compare as C
+    import cskd_fastai.compare_runner as C
     seen, orig = [], C.fit_temperature
     monkeypatch.setattr(C, 'fit_temperature', lambda P, y, *a, **k: seen.append((np.array(P), np.array(y))) or orig(P, y, *a, **k))
     res = compare(methods=('ce', 'ce+ts'), epochs=2, seeds=(0,), n_per_class=20, verbose=False)
     root, _ = image_folder()
     train_files, valid_files = set((root/'train').rglob('*.png')), set((root/'valid').rglob('*.png'))
-    calib, used = [Path(f) for f in res.attrs['items']['calib']], [Path(f) for f in res.attrs['items']['train']]
+    calib, used = [Path(f) for f in res.items['calib']], [Path(f) for f in res.items['train']]
     assert set(calib) <= train_files and not set(calib) & valid_files and not set(calib) & set(used)
     for c in range(10):                                   # 20% of each class's training images, rounded
         assert sum(f.parent.name == str(c) for f in calib) == round(0.2*len(list((root/'train'/str(c)).glob('*.png'))))
     assert len(seen) == 1
     P, y = seen[0]
-    learn = res.attrs['learners']['ce']
+    learn = res.learners['ce']
     vocab = list(learn.dls.vocab)
     assert (y == np.array([vocab.index(f.parent.name) for f in calib])).all()
     # the probabilities it was given are the model's on those files, computed here with PIL and the model in eval mode
@@ -105,7 +108,7 @@ def test_temperature_is_fitted_on_calibration_items_only(monkeypatch):
         z = L/np.exp(log_t); z = z - z.max(1, keepdims=True)
         return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
     best = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100)), method='bounded', options=dict(xatol=1e-10))
-    T = res.loc['ce+ts', 'temperature']
+    T = res.table.loc['ce+ts', 'temperature']
     assert nll(np.log(T)) <= best.fun + 1e-7 and T == pytest.approx(float(np.exp(best.x)), rel=5e-2)
     assert T != pytest.approx(1., abs=0.05)                       # a fitted temperature, not the identity
 
@@ -125,12 +128,16 @@ def test_a_changed_split_under_the_same_name_is_refused(tmp_path, capsys):
 
 
 def test_error_while_training_keeps_its_traceback(tmp_path, monkeypatch, capsys):
-    "Bad input is one line before any training; an error raised inside a run is not shortened to one line"
-    import cskd_fastai.compare as C
+    "Bad input is one line before any training; an error raised inside a run is not shortened to one line: a `RunFailed`
+    naming the run, the error as its cause, with its traceback"
+    import traceback
+    import cskd_fastai.compare_runner as C
     assert main(_args(methods=('ce',)) + ['--lam', '-1']) == 2
     err = capsys.readouterr().err
     assert err.startswith('cskd-fastai: error:') and 'Traceback' not in err and len(err.strip().splitlines()) == 1
     def boom(*a, **k): raise ValueError("boom inside a run")
     monkeypatch.setattr(C, '_measures', boom)
-    with pytest.raises(ValueError, match='boom inside a run'): main(_args(methods=('ce',)) + ['--out', str(tmp_path/'r')])
+    with pytest.raises(RunFailed, match='boom inside a run') as e: main(_args(methods=('ce',)) + ['--out', str(tmp_path/'r')])
+    assert (e.value.method, e.value.seed) == ('ce', 0) and isinstance(e.value.__cause__, ValueError)
+    assert any(f.name == 'boom' for f in traceback.extract_tb(e.value.__cause__.__traceback__))     # the traceback reaches the error
     assert 'failed while training' in capsys.readouterr().err
