@@ -741,3 +741,21 @@ def test_export_with_cskd_needs_the_library_and_remove_cb_drops_it(small_dls, tm
     assert 'CSKD' not in r.stdout and "'Recorder'" in r.stdout
     learn.add_cb(CSKD())                                                      # and it can go back on
     _fit_ok(learn)
+
+
+def test_warns_once_when_fine_tuning_a_frozen_body(digits_path):
+    "`fine_tune` with CSKD: one warning, in the frozen fit, pointing to the fine-tuning study and `calibrate`; none for a plain fit"
+    import warnings
+    dls = digits_block(80).dataloaders(digits_path, bs=16, num_workers=0)
+    model = tiny_cnn(10)
+    learn = Learner(dls, model, splitter=lambda m: [params(m[:2]), params(m[2:])], cbs=CSKD())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3)
+    said = [str(x.message) for x in w if 'frozen body' in str(x.message)]
+    assert len(said) == 1 and 'finetune_study' in said[0] and 'learn.calibrate' in said[0]
+    assert all(p.requires_grad for p in learn.model.parameters())          # the unfrozen fit said nothing
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert not [x for x in w if 'frozen body' in str(x.message)]
