@@ -127,6 +127,7 @@ def compare(
     src = ComparisonData(data, calib_pct, n_per_class, n_heldout_per_class, bs, size, flip, valid_pct, workers)
     if any(m.endswith(TS) for m in methods) and not src.n_calib:
         raise ValueError(f"The '{TS}' rows need calibration items: set `calib_pct` > 0.")
+    src.check_seeds(seeds)
     config = dict(data=src.name, split=src.split, split_hash=src.fingerprint, n_train=src.n_train, n_calib=src.n_calib, n_heldout=src.n_heldout,
                   learner=None if arch_name else _name_of(learner), arch=arch_name, pretrained=pretrained if arch_name else None,
                   epochs=epochs, lr=lr, lam=lam, T=T, calib_pct=calib_pct, n_per_class=src.n_per_class,

@@ -208,16 +208,22 @@ class ComparisonData:
         if not self.subsettable: return len(d.train_ds), len(d.valid_ds)
         return item_labels(d.train_ds, d.n_inp), item_labels(d.valid_ds, d.n_inp)
 
+    def _same_split(self, d, seed):
+        "Refuse loaders `d` of `data(seed)` when their items are not those of `data(0)`"
+        if self.fn is None or all(np.array_equal(a, b) for a, b in zip(self._labels(d), self._split)): return d
+        raise ValueError(
+            f"`data({seed})` returned other training or held-out items than `data(0)`. `compare` keeps one split for every "
+            "seed and method (the calibration items and per-class subsets are carved from it once): let the seed change "
+            "the training order, not the split (e.g. `RandomSplitter(seed=42)`, not `seed=seed`).")
+
+    def check_seeds(self, seeds):
+        "Refuse, before any training, a function of the seed whose split follows the seed"
+        for s in seeds:
+            if self.fn is not None and s != 0: self._same_split(self._base(s), s)
+
     def dls(self, seed:int) -> DataLoaders:
         "The run's `DataLoaders`; call it after `set_seed(seed)`: the training order follows the seed"
-        d = self._base(seed)
-        if self.fn is not None:
-            same = all(np.array_equal(a, b) for a, b in zip(self._labels(d), self._split))
-            if not same: raise ValueError(
-                f"`data({seed})` returned other training or held-out items than `data(0)`. `compare` keeps one split for every "
-                "seed and method (the calibration items and per-class subsets are carved from it once): let the seed change "
-                "the training order, not the split (e.g. `RandomSplitter(seed=42)`, not `seed=seed`).")
-        self._last = d
+        d = self._last = self._same_split(self._base(seed), seed)
         if not self.subsettable: return DataLoaders(d.train.new(), d.valid, path=d.path, device=d.device)
         train = d.train.new(dataset=_subset_ds(d.train_ds, self.train_idx, 0))
         valid = d.valid if len(self.heldout_idx) == len(d.valid_ds) else d.valid.new(dataset=_subset_ds(d.valid_ds, self.heldout_idx, 1))

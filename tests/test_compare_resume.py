@@ -128,8 +128,8 @@ def test_a_changed_split_under_the_same_name_is_refused(tmp_path, capsys):
 
 
 def test_error_while_training_keeps_its_traceback(tmp_path, monkeypatch, capsys):
-    "Bad input is one line before any training; an error raised inside a run is not shortened to one line: a `RunFailed`
-    naming the run, the error as its cause, with its traceback"
+    """Bad input is one line before any training; an error raised inside a run is not shortened to one line: a `RunFailed`
+    naming the run, the error as its cause, with its traceback"""
     import traceback
     import cskd_fastai.compare_runner as C
     assert main(_args(methods=('ce',)) + ['--lam', '-1']) == 2
