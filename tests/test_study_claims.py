@@ -18,7 +18,7 @@ def num(s): return float(s.replace('−', '-'))
 def markdown(nb):
     "The notebook's markdown, one string, line breaks as spaces"
     cells = json.loads((TUT/nb).read_text())['cells']
-    return ' '.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown').replace('\n', ' ')
+    return ' '.join(' '.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown').split())
 
 def runs(folder):
     "{(method, images per class, fine_tune epochs or None, seed): run}"
@@ -102,3 +102,67 @@ def test_finetune_temperature_sentence(ft):
     for i, d in enumerate(ds): assert close(m.groups()[3*i:3*i+3], d) and d['mean'] > 0
     assert 'clearly so only at 200 images per class' in md
     assert [d['lo'] > 0 for d in ds] == [False, False, True]
+
+
+# -------------------------------------------------------------------------------------- the dropout study
+DP = 'dropout_study.ipynb'
+SIGN = {'raised': 1, 'fell': -1}
+
+@pytest.fixture(scope='module')
+def dp():
+    R = {}
+    for folder in ('digits', 'finetune', 'finetune_strong', 'text'):
+        for (m, n, e, s), r in runs(f'dropout_study/{folder}').items(): R[folder, m.replace('cskd-drop', 'cskd'), n, s] = r
+    return R, markdown(DP)
+
+def dd(R, point, a, b, col, k=100, col_b=None):
+    folder, n = point
+    seeds = [s for s in range(3) if (folder, a, n, s) in R]
+    assert len(seeds) == 3, (point, a)
+    return paired([k*R[folder, a, n, s][col] for s in seeds], [k*R[folder, b, n, s][col_b or col] for s in seeds])
+
+POINTS = [('digits', 30), ('digits', 10), ('finetune', 20), ('finetune', 50), ('finetune', 200), ('finetune_strong', 50), ('text', 50)]
+
+def test_dropout_rule_outcome(dp):
+    "Exactly one point has an interval of (without − with dropout) above zero: ECE on the digits with 10 a class"
+    R, md = dp
+    above = [(p, c) for p in POINTS for c, k in [('test_err', 100), ('test_nll', 1), ('test_ece', 100)]
+             if dd(R, p, 'cskd-nodrop', 'cskd', c, k)['lo'] > 0]
+    assert above == [(('digits', 10), 'test_ece')]
+    assert 'At one point of seven an interval of (without − with dropout) lay above zero' in md
+    m = re.search(r'removing the dropout (raised|lowered) CS-KD\'s ECE by ' + NUM + r' points \[' + NUM + ', ' + NUM + r'\]', md)
+    d = dd(R, ('digits', 10), 'cskd-nodrop', 'cskd', 'test_ece')
+    assert m and close(m.groups()[1:], d, nd=2) and sign_word(m[1], d['mean'])
+    m = re.search(r'its interval against `CSKD\(\)`, ' + IV + r', (spans zero|excludes zero)', md)
+    d = dd(R, ('digits', 10), 'cskd-nodrop-lam2', 'cskd', 'test_ece')
+    assert m and close(m.groups()[:3], d, nd=2) and spans(m[4], d)
+    assert '**The rule keeps today\'s default**' in md
+
+def test_dropout_digits_default_recipe(dp):
+    R, md = dp
+    m = re.search(r'without dropout the error (fell|raised) by ' + NUM + r' points \[' + NUM + ', ' + NUM + r'\], the NLL by ' + NUM
+                  + r' \[' + NUM + ', ' + NUM + r'\] and the ECE by ' + NUM + r' points \[' + NUM + ', ' + NUM + r'\]', md)
+    assert m
+    for i, (c, k) in enumerate([('test_err', 100), ('test_nll', 1), ('test_ece', 100)]):
+        d = dd(R, ('digits', 30), 'cskd-nodrop', 'cskd', c, k)
+        mag, lo, hi = (num(x) for x in m.groups()[1+3*i:4+3*i])
+        assert (round(SIGN[m[1]]*mag, 2), round(lo, 2), round(hi, 2)) == (round(d['mean'], 2), round(d['lo'], 2), round(d['hi'], 2))
+
+def test_dropout_finetune_answer(dp):
+    "Every CS-KD setting's error is above cross-entropy's on the mean at every size measured; the closest one's figures"
+    R, md = dp
+    ft = {}
+    for f in list((TUT/'finetune_study').glob('*_e8_s[0-9].json')) + list((TUT/'dropout_study'/'finetune').glob('*_s[0-9].json')):
+        r = json.loads(f.read_text()); ft.setdefault((r['method'].replace('cskd-drop', 'cskd'), r['n_per_class']), {})[r['seed']] = r
+    for (m, n), rs in ft.items():
+        if not m.startswith('cskd') or n == 500: continue          # CS-KD settings (not the control or label smoothing)
+        assert np.mean([rs[s]['test_err'] - ft['ce', n][s]['test_err'] for s in rs]) > 0, (m, n)
+    assert "Every setting's error was higher than cross-entropy's on the mean at every size measured" in md
+    m = re.search(r'dropout, stayed within noise of cross-entropy\'s error \(' + IV + ', ' + IV + ' and ' + IV, md)
+    for i, n in enumerate((20, 50, 200)):
+        d = paired([100*ft['cskd-nodrop-lam0.25', n][s]['test_err'] for s in range(3)], [100*ft['ce', n][s]['test_err'] for s in range(3)])
+        assert close(m.groups()[3*i:3*i+3], d) and d['lo'] < 0 < d['hi']
+    m = re.search(r'its ECE was ' + IV + ' and ' + IV + r' points above\s+cross-entropy \+ temperature', md)
+    for i, n in enumerate((20, 50)):
+        d = paired([100*ft['cskd-nodrop-lam0.25', n][s]['test_ece'] for s in range(3)], [100*ft['ce', n][s]['ts_ece'] for s in range(3)])
+        assert close(m.groups()[3*i:3*i+3], d) and d['lo'] > 0
