@@ -24,6 +24,7 @@ METHODS = {
     'pass':           lambda lam, T: dict(cbs=[PartnerPassOnly()]),
     'cskd':           lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T)]),
     'cskd-anchor-bn': lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T, partner=PartnerForward(bn_stats=False))]),
+    'cskd-nodrop':    lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T, partner=PartnerForward(dropout=False))]),
     'ls':             lambda lam, T: dict(loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1)),
     'mixup':          lambda lam, T: dict(cbs=[MixUp(1.)]),
     'cskd+mixup':     lambda lam, T: dict(cbs=[CSKD(lam=lam, T=T), MixUp(1.)]),
@@ -31,7 +32,8 @@ METHODS = {
 }
 TS = '+ts'   # suffix of a method's temperature-scaled row
 METHOD_NAMES = {'ce': 'cross-entropy', 'pass': 'partner pass, no KD term', 'cskd': 'CS-KD',
-                'cskd-anchor-bn': 'CS-KD, BN statistics of anchors only', 'ls': 'label smoothing (0.1)',
+                'cskd-anchor-bn': 'CS-KD, BN statistics of anchors only',
+                'cskd-nodrop': 'CS-KD, no dropout in the partner pass', 'ls': 'label smoothing (0.1)',
                 'mixup': 'Mixup (α=1)', 'cskd+mixup': 'CS-KD + Mixup', 'cskd-cache': 'CS-KD (cache)'}
 METHOD_NAMES.update({m+TS: f"{n} + temperature" for m,n in list(METHOD_NAMES.items())})
 

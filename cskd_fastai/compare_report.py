@@ -170,14 +170,40 @@ def _sweep() -> dict|None:
     sw = evidence().get('lam_sweeps', [])
     return max(sw, key=lambda s: len(s['points'])) if sw else None
 
+def _dropout_rows() -> tuple:
+    "The dropout study's runs where the partner pass without dropout removed CS-KD's underconfidence: (with, without) dropout"
+    rows = [r for r in evidence()['runs'] if r['study'] == 'dropout_study/digits']
+    by = {(r['setting'], r['method']): r for r in rows}
+    for (setting, m), r in by.items():
+        if m == 'cskd' and (setting, 'cskd-nodrop') in by and r['d_ece'] > 0: return r, by[setting, 'cskd-nodrop']
+    return None, None
+
+def _finetune_next() -> str:
+    "What the studies say of CS-KD when fine-tuning from pretrained weights"
+    ft = [r for r in evidence()['runs'] if r['pretrained'] and r['method'].startswith('cskd') and len(r['seeds']) > 1]
+    if not ft: return ''
+    worse = sum(r['d_err'] > 0 for r in ft)
+    said = (f"every CS-KD setting measured ({len(ft)} settings and sizes" if worse == len(ft) else
+            f"{worse} of the {len(ft)} CS-KD settings and sizes measured (")
+    return (f"Next: from pretrained weights, {said} in the fine-tuning "
+            f"and dropout studies) had a higher top-1 error than cross-entropy on the mean; for calibrated probabilities "
+            f"when fine-tuning, use cross-entropy and one temperature (the '{TS}' row; `learn.calibrate` in Python): "
+            f"{ft[0]['url']}")
+
 def _next(table, c, ck) -> str:
-    "Where to look next: the way to move λ when `ck` ends under- or overconfident, else the closest measured run"
+    "Where to look next: fine-tuning's answer; the partner pass without dropout or λ when `ck` ends under- or overconfident; else the closest measured run"
     name = METHOD_NAMES[ck]
+    if c.get('pretrained'): return _finetune_next()
     g = 100*table.loc[ck, 'conf_gap'] if 'conf_gap' in table else math.nan
     if np.isfinite(g) and abs(g) >= 2:
         lam, under = c.get('lam', 1.), g < 0
-        s = (f"Next: {name} ends {abs(g):.1f} points {'under' if under else 'over'}confident, so try a "
-             f"{'smaller' if under else 'larger'} λ (now {lam:g}; e.g. `--lam {lam/2 if under else 2*lam:g}`)")
+        s = f"Next: {name} ends {abs(g):.1f} points {'under' if under else 'over'}confident, so try "
+        drop, nodrop = _dropout_rows()
+        if under and ck == 'cskd' and drop is not None:
+            s += (f"the partner pass without dropout if the model has dropout, as fastai's heads do (`--methods ce cskd "
+                  f"cskd-nodrop`; in {drop['title']}, {drop['setting']}, it took CS-KD's ECE change from {drop['d_ece']:+.1f} "
+                  f"to {nodrop['d_ece']:+.1f} points), or ")
+        s += f"a {'smaller' if under else 'larger'} λ (now {lam:g}; e.g. `--lam {lam/2 if under else 2*lam:g}`)"
         sw = _sweep()
         if sw: s += (f"; in {sw['title']}'s λ sweep ({sw['setting']}), λ = {' / '.join(f'{p[0]:g}' for p in sw['points'])} "
                      f"gave CS-KD {' / '.join(f'{p[1]:+.1f}' for p in sw['points'])} points of confidence minus accuracy")

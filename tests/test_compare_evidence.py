@@ -80,7 +80,8 @@ def test_each_row_is_what_its_files_say(row):
 FOLDERS = {'regime_study': (('frac',), 'cskd'), 'finetune_study': (('n_per_class', 'epochs'), 'cskd'),
            'digits_study': (('n_per_class', 'epochs'), 'cskd'), 'dropout_study/digits': (('n_per_class', 'epochs'), 'cskd'),
            'dropout_study/finetune': (('n_per_class', 'epochs'), 'cskd-drop'),
-           'dropout_study/finetune_strong': (('n_per_class', 'epochs'), 'cskd-drop')}
+           'dropout_study/finetune_strong': (('n_per_class', 'epochs'), 'cskd-drop'),
+           'dropout_study/text': (('n_per_class', 'epochs'), 'cskd-drop')}
 
 @pytest.mark.parametrize('folder', [f for f in FOLDERS if (TUT/f).is_dir()])
 def test_every_setting_with_both_methods_is_a_row(folder):
@@ -128,16 +129,37 @@ def _fake(conf_gap, top1_err=(.10, .09), pretrained=False):
 
 def _numbers(text): return re.findall(r'[+-]\d+\.\d', text)
 
-@pytest.mark.parametrize('pretrained', [False, True])
-def test_the_closest_measured_run_is_quoted_as_the_file_has_it(pretrained):
+def test_the_closest_measured_run_is_quoted_as_the_file_has_it():
     from cskd_fastai.compare_report import bottom_line
-    pool = [r for r in EV['runs'] if r['method'] == 'cskd' and r['pretrained'] == pretrained]
+    pool = [r for r in EV['runs'] if r['method'] == 'cskd' and not r['pretrained']]
     for target in pool:
-        text = ' '.join(bottom_line(_fake((target['ce_gap']/100, 0.), pretrained=pretrained)).split())
+        text = ' '.join(bottom_line(_fake((target['ce_gap']/100, 0.))).split())
         near = min(pool, key=lambda r: abs(r['ce_gap'] - target['ce_gap']))
         assert near['setting'] in text and near['title'] in text
         nums = _numbers(text.split('Next:')[1])
         assert nums[1:3] == [f"{near['ce_gap']:+.1f}", f"{near['d_ece']:+.1f}"], (nums, near)
+
+def test_from_pretrained_weights_the_fine_tuning_answer_counts_the_files_runs():
+    "From pretrained weights the bottom line gives the fine-tuning answer: how many CS-KD settings had a higher error, from the file"
+    from cskd_fastai.compare_report import bottom_line
+    ft = [r for r in EV['runs'] if r['pretrained'] and r['method'].startswith('cskd') and len(r['seeds']) > 1]
+    worse = sum(r['d_err'] > 0 for r in ft)
+    for gap in (-.09, 0., .2):
+        text = ' '.join(bottom_line(_fake((gap, gap), pretrained=True)).split())
+        nxt = text.split('Next:')[1]
+        said = f"every CS-KD setting measured ({len(ft)} settings" if worse == len(ft) else f"{worse} of the {len(ft)} CS-KD settings"
+        assert said in nxt and 'higher top-1 error' in nxt and "'+ts' row" in nxt and 'λ' not in nxt
+
+def test_underconfident_cskd_is_pointed_to_the_pass_without_dropout_with_the_files_figures():
+    from cskd_fastai.compare_report import bottom_line
+    rows = {r['method']: r for r in EV['runs'] if r['study'] == 'dropout_study/digits' and r['setting'].startswith('digits, 30 ')}
+    text = ' '.join(bottom_line(_fake((0., -.09))).split())
+    nxt = text.split('Next:')[1]
+    assert '`--methods ce cskd cskd-nodrop`' in nxt and rows['cskd']['setting'] in nxt
+    assert rows['cskd']['d_ece'] > 0 > rows['cskd-nodrop']['d_ece']             # with dropout worse than CE, without better
+    assert f"from {rows['cskd']['d_ece']:+.1f} to {rows['cskd-nodrop']['d_ece']:+.1f} points" in nxt
+    assert 'smaller λ' in nxt
+    assert 'cskd-nodrop' not in ' '.join(bottom_line(_fake((0., .09))).split())   # overconfident: λ only
 
 def test_the_lambda_sweep_is_quoted_as_the_file_has_it():
     from cskd_fastai.compare_report import bottom_line

@@ -70,7 +70,8 @@ STUDIES = [
           setting=lambda r: f"digits, {r['n_per_class']} images per class, {r['epochs']} epochs"),
     Study('dropout_study/digits', 'the dropout study', methods=('cskd', 'cskd-nodrop', 'cskd-nodrop-lam2'), keys=('n_per_class', 'epochs'),
           setting=lambda r: f"digits, {r['n_per_class']} images per class, {r['epochs']} epochs"),
-    Study('dropout_study/finetune', 'the dropout study', pretrained=True, methods=('cskd', 'cskd-nodrop', 'cskd-nodrop-lam2'),
+    Study('dropout_study/finetune', 'the dropout study', pretrained=True,
+          methods=('cskd', 'cskd-nodrop', 'cskd-nodrop-lam2', 'cskd-nodrop-lam0.25', 'cskd-nodrop-unfrozen'),
           aliases={'cskd-drop': 'cskd'}, keys=('n_per_class', 'epochs'),
           setting=lambda r: f"5 CIFAR-10 classes, {r['n_per_class']} images per class, fine_tune({r['epochs']}) from a stand-in "
                             "pretrained backbone"),
@@ -78,6 +79,9 @@ STUDIES = [
           aliases={'cskd-drop': 'cskd'}, keys=('n_per_class', 'epochs'),
           setting=lambda r: f"5 CIFAR-10 classes, {r['n_per_class']} images per class, fine_tune({r['epochs']}) from a stronger "
                             "stand-in pretrained backbone"),
+    Study('dropout_study/text', 'the dropout study', methods=('cskd', 'cskd-nodrop'), aliases={'cskd-drop': 'cskd'},
+          keys=('n_per_class', 'epochs'),
+          setting=lambda r: f"text (6 classes of docstrings), AWD-LSTM from scratch, {r['n_per_class']} per class, {r['epochs']} epochs"),
 ]
 
 
