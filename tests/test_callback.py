@@ -759,3 +759,36 @@ def test_warns_once_when_fine_tuning_a_frozen_body(digits_path):
         warnings.simplefilter('always')
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert not [x for x in w if 'frozen body' in str(x.message)]
+
+
+def test_awd_lstm_partner_pass_without_dropout_is_the_model_with_every_dropout_at_zero():
+    "An AWD-LSTM classifier (embedding, weight, hidden, input and output dropout): the pass without dropout gives the logits of a copy whose every dropout probability is 0, in training mode, twice alike"
+    from fastai.text.models.awdlstm import RNNDropout, WeightDropout, EmbeddingDropout
+    dls = _token_dls()
+    config = dict(awd_lstm_clas_config, emb_sz=16, n_hid=32, n_layers=2)
+    model = get_text_classifier(AWD_LSTM, 20, 3, seq_len=6, config=config)
+    learn = TextLearner(dls, model, loss_func=CrossEntropyLossFlat())
+    src = PartnerForward(dropout=False)
+    pdl = src.loader(dls.train, class_index(dls.train))
+    xb, yb = pdl.one_batch()
+    model.train(); model.reset()
+    ref = get_text_classifier(AWD_LSTM, 20, 3, seq_len=6, config=config)    # the same weights (AWD-LSTM's modules cannot be deep-copied)
+    ref.load_state_dict(model.state_dict()); ref.train(); ref.reset()
+    for m in ref.modules():
+        for a in ('p', 'embed_p', 'weight_p'):
+            if isinstance(m, (nn.Dropout, RNNDropout, EmbeddingDropout, WeightDropout)) and hasattr(m, a): setattr(m, a, 0.)
+    def partner_logits():
+        learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
+        src.split(learn); src.prepare(learn)
+        return src.targets(learn)[0]
+    a, b = partner_logits(), partner_logits()
+    assert torch.equal(a, b)
+    with torch.no_grad(): r = ref(xb[len(xb)//2:])[0]
+    torch.testing.assert_close(a, r)
+    assert all(m.training for m in model.modules())
+    with torch.no_grad():                                          # the default pass draws: its targets differ between passes
+        src2 = PartnerForward()
+        def drawn():
+            learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
+            src2.split(learn); src2.prepare(learn); return src2.targets(learn)[0]
+        assert not torch.equal(drawn(), drawn())
