@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from reference import ref_ece, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 TUT = ROOT/'nbs'/'tutorials'
@@ -33,12 +34,6 @@ def test_the_package_reads_the_file():
 
 
 # ------------------------------------------------------------------------------- each row again, with code of its own
-def _ece(P, y, M=15):
-    "Expected calibration error with M equal-width bins ((m-1)/M, m/M], a confidence of 0 in the first"
-    conf, hit = P.max(1), (P.argmax(1) == y).astype(float)
-    b = np.clip(np.ceil(conf*M).astype(int) - 1, 0, M - 1)
-    return sum(abs(hit[b == m].mean() - conf[b == m].mean())*(b == m).mean() for m in range(M) if (b == m).any())
-
 def _figures(ref):
     "(method, seed, error %, NLL, ECE %, confidence minus accuracy %) of a run: a per-run JSON, or 'predictions.npz:method/seed'"
     if ':' in ref:
@@ -46,16 +41,14 @@ def _figures(ref):
         m, s = key.split('/')
         with np.load(ROOT/f) as z: P, y = z[f'{key}/probs'].astype(np.float64), z[f'{key}/targs'].astype(int)
         acc = (P.argmax(1) == y).mean()
-        return m, int(s), 100*(1 - acc), -np.log(P[np.arange(len(y)), y]).mean(), 100*_ece(P, y), 100*(P.max(1).mean() - acc)
+        return m, int(s), 100*(1 - acc), -np.log(P[np.arange(len(y)), y]).mean(), 100*ref_ece(P, y, 15), 100*(P.max(1).mean() - acc)
     r = json.loads((ROOT/ref).read_text())
     return r['method'], r['seed'], 100*r['test_err'], r['test_nll'], 100*r['test_ece'], 100*(r['mean_conf'] - (1 - r['test_err']))
 
 def _interval(d):
-    from scipy import stats
-    d = np.asarray(d, float)
-    if len(d) < 2: return d.mean(), None, None
-    h = stats.t.ppf(0.975, len(d) - 1)*d.std(ddof=1)/np.sqrt(len(d))
-    return d.mean(), d.mean() - h, d.mean() + h
+    "Mean of the paired differences `d` and its 95% Student-t interval (the reference's `paired`)"
+    r = paired(np.asarray(d, float), np.zeros(len(d)))
+    return r['mean'], r['lo'], r['hi']
 
 def _same(said, v, nd):
     return said is None if v is None else said == pytest.approx(round(float(v), nd), abs=1.01*10**-nd)   # rounding of a float sum
