@@ -10,7 +10,8 @@ from cskd_fastai.all import *
 from reference import tiny_cnn, FormulaCheck, CacheCheck, first_logits, rnn_regularizers   # the tests' reference computations
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
-torch.set_num_threads(int(os.environ.get("CSKD_TEST_THREADS", 2)))   # 1 leaves a core to a background job
+# 1 leaves a core to a background job; under pytest-xdist (`-n`) each worker takes one core
+torch.set_num_threads(int(os.environ.get("CSKD_TEST_THREADS", 1 if os.environ.get('PYTEST_XDIST_WORKER') else 2)))
 
 
 @pytest.fixture(scope='session')
@@ -63,8 +64,21 @@ class CountForwards(Callback):
     def after_batch(self): self.batches['train' if self.training else 'valid'] += 1
 
 
+def pytest_addoption(parser):
+    parser.addoption('--all', action='store_true', help='run every tier: the tests marked `slow` too (pyproject.toml '
+                     "deselects them by default); the same as -m 'slow or not slow'")
+
+
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (skipped without one)')
+    "The markers are in pyproject.toml. `--all` drops the default `-m 'not slow'`; pytest-xdist's workers get the digits written once"
+    if config.getoption('all'): config.option.markexpr = ''
+    if getattr(config.option, 'numprocesses', None) and not hasattr(config, 'workerinput'):
+        digits_folder()     # the default folder the CLI and `compare` use, written before workers could race to write it
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.option.markexpr == 'not slow' and terminalreporter.stats.get('deselected'):
+        terminalreporter.write_line("The slow tier was left out (-m 'not slow'): `pytest --all` runs every test.")
 
 
 def pytest_collection_modifyitems(items):

@@ -14,6 +14,8 @@ from cskd_fastai.all import CSKD, paired_dls
 from compat_cases import CASES, Data, Skip, run_case, image_dls, fit_checked
 from reference import tiny_cnn, train_labels
 
+pytestmark = pytest.mark.slow    # the slow tier (the compatibility matrix: every fastai data constructor × partner source, each a checked fit): `pytest --all` runs it
+
 PAGE = Path(__file__).resolve().parent.parent/'nbs'/'works_with.ipynb'
 _outcomes = {}       # (what, partner) -> 'pass' / 'fail' / 'skip', for the cases run in this pytest run
 

@@ -305,6 +305,7 @@ def test_no_warning_without_single_item_classes(small_dls):
 
 # --- the benchmark ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow     # a command-line run of the benchmark
 def test_class_index_benchmark_runs():
     r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'class_index_bench.py'), '--rows', '3000', '--classes', '4',
                         '--sample', '300', '--repeat', '1'], capture_output=True, text=True, timeout=300,

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow    # the slow tier (two launches of two processes each): `pytest --all` runs it
+
 pytest.importorskip('accelerate')
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip('needs torch.distributed with the gloo backend', allow_module_level=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow    # the slow tier (builds the documentation site): `pytest --all` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT/'_docs'
 API_PAGES = {'data': 'Class-wise pairing', 'datasets': 'Datasets', 'partners': 'Partner sources',

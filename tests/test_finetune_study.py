@@ -13,6 +13,8 @@ from cskd_fastai.all import *
 from conftest import digits_block, CountForwards
 from reference import tiny_cnn, FormulaCheck, ref_ece, softmax
 
+pytestmark = pytest.mark.slow    # the slow tier (the study's runner trains, and runs from the command line): `pytest --all` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT/'tools'/'finetune_study.py'
 RESULTS = ROOT/'nbs'/'tutorials'/'finetune_study'
