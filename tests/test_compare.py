@@ -36,6 +36,7 @@ def test_cli_defaults_are_compare_defaults():
         assert v == (list(d) if isinstance(d, tuple) else d), k
 
 
+@pytest.mark.slow
 def test_default_one_epoch_writes_results(tmp_path):
     out = tmp_path/'res'
     r = _run('compare', '--epochs', '1', '--seeds', '0', '--out', str(out), '--quiet')
@@ -104,6 +105,7 @@ def _tiny_archive(tmp_path, valid_name='test'):
     return arc
 
 
+@pytest.mark.slow
 def test_tgz_with_test_split_says_where_numbers_come_from(tmp_path, monkeypatch):
     monkeypatch.setenv('CSKD_FASTAI_CACHE', str(tmp_path/'cache'))
     arc = _tiny_archive(tmp_path)
@@ -170,6 +172,7 @@ def test_interrupt_before_any_run_finished(tmp_path, monkeypatch, capsys):
     assert not (out/'runs').exists() and not (out/'results.json').exists()
 
 
+@pytest.mark.slow
 def test_cache_method_runs():
     "`--methods cskd-cache` is `CSKD(partner='cache')`: a row of the table, with a KD column in its curves"
     res = compare(methods=('cskd', 'cskd-cache'), epochs=2, n_per_class=30, seeds=(0,), verbose=False)

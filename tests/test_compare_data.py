@@ -28,6 +28,7 @@ def _csv_set(tmp_path, n=12, valid_col=False):
     return tmp_path/'labels.csv'
 
 
+@pytest.mark.slow
 def test_csv_with_valid_column(tmp_path):
     csv = _csv_set(tmp_path, valid_col=True)
     r = _run('compare', '--data', str(csv), '--epochs', '1', '--bs', '16', '--methods', 'ce', 'ce+ts', '--seeds', '0', '--quiet')
@@ -38,6 +39,7 @@ def test_csv_with_valid_column(tmp_path):
     assert 'cross-entropy + temperature' in text
 
 
+@pytest.mark.slow
 def test_csv_without_valid_column_holds_out_a_fixed_share(tmp_path):
     csv = _csv_set(tmp_path)
     res = compare(csv, methods=('ce',), epochs=1, bs=16, seeds=(0,), calib_pct=0, verbose=False)
@@ -145,6 +147,7 @@ def _text_dls():
     return TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_col='is_valid', tok_tfm=BaseTokenizer(), bs=16, seq_len=16)
 
 
+@pytest.mark.slow
 def test_text_dataloaders():
     from fastai.text.all import text_classifier_learner, AWD_LSTM
     res = compare(_text_dls(), learner=partial(text_classifier_learner, arch=AWD_LSTM, pretrained=False),

@@ -27,6 +27,7 @@ def _interrupt_at(monkeypatch, n):
     return calls
 
 
+@pytest.mark.slow
 def test_resumed_results_equal_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     full, part = tmp_path/'full', tmp_path/'part'
     assert main(_args() + ['--out', str(full)]) == 0
