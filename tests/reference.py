@@ -141,10 +141,10 @@ def mean_std(v):
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def tiny_cnn(n_out=10):
+def tiny_cnn(n_out=10, width=8):
     "A small BatchNorm + dropout CNN: cheap, and exercises both training-mode behaviours of a partner pass"
-    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1),
-                         Flatten(), nn.Dropout(0.2), nn.Linear(16, n_out))
+    return nn.Sequential(ConvLayer(3, width, stride=2), ConvLayer(width, 2*width, stride=2), nn.AdaptiveAvgPool2d(1),
+                         Flatten(), nn.Dropout(0.2), nn.Linear(2*width, n_out))
 
 
 # ---------------------------------------------------------------------------------------------------- the loss of a step
