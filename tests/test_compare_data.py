@@ -49,14 +49,19 @@ def test_csv_without_valid_column_holds_out_a_fixed_share(tmp_path):
     assert set(res.items['train']) == set(again.items['train'])    # the split does not follow the run's seed
 
 
-def test_csv_errors(tmp_path):
+def test_csv_errors(tmp_path, monkeypatch, capsys):
+    from cskd_fastai.cli import main
+    from fastai.learner import Learner
+    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: pytest.fail("a run trained"))
+    monkeypatch.chdir(tmp_path)
     csv = _csv_set(tmp_path, n=2)
     df = pd.read_csv(csv); df.loc[0, 'fname'] = 'imgs/missing.png'; df.to_csv(csv, index=False)
-    r = _run('compare', '--data', str(csv), '--epochs', '1')
-    assert r.returncode == 2 and 'not under' in r.stderr and 'missing.png' in r.stderr and 'Traceback' not in r.stderr
+    assert main(['compare', '--data', str(csv), '--epochs', '1', '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert 'not under' in err and 'missing.png' in err
     pd.DataFrame(dict(fname=['a.png'])).to_csv(csv, index=False)
-    r = _run('compare', '--data', str(csv), '--epochs', '1')
-    assert r.returncode == 2 and 'first column' in r.stderr
+    assert main(['compare', '--data', str(csv), '--epochs', '1', '--quiet']) == 2
+    assert 'first column' in capsys.readouterr().err
 
 
 def _wine_dls(seed=0, bs=32):
