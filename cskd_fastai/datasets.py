@@ -20,7 +20,7 @@ def digits_folder(
     valid_pct:float=0.2, # Fraction of each class kept for `valid`
     seed:int=0, # Seed of the train/valid split
 ) -> Path:
-    "scikit-learn's digits as PNG files in `dest/{train,valid}/<digit>/`, written once"
+    "scikit-learn's digits as PNG files in `dest/{train,valid}/<digit>/`, written once (atomically: processes may share it)"
     from sklearn.datasets import load_digits
     from PIL import Image
     dest = Path(dest) if dest is not None else Path(tempfile.gettempdir())/f'cskd_fastai_digits_{seed}_{valid_pct}'
@@ -31,11 +31,18 @@ def digits_folder(
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         is_valid[idx[:int(round(len(idx)*valid_pct))]] = True
-    for i,(x,c,v) in enumerate(zip(X, y, is_valid)):
-        f = dest/('valid' if v else 'train')/str(c)/f'{i:04d}.png'
-        f.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((x.reshape(8, 8)*(255/16)).astype(np.uint8)).save(f)
-    (dest/'.complete').touch()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-', dir=dest.parent))    # written here, then renamed
+    try:
+        for i,(x,c,v) in enumerate(zip(X, y, is_valid)):
+            f = tmp/('valid' if v else 'train')/str(c)/f'{i:04d}.png'
+            f.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x.reshape(8, 8)*(255/16)).astype(np.uint8)).save(f)
+        try: os.replace(tmp, dest)                    # atomic; replaces `dest` if it is an empty folder
+        except OSError:                               # `dest` has files: another process's copy, or the caller's own folder
+            if not (dest/'.complete').exists(): shutil.copytree(tmp, dest, dirs_exist_ok=True)
+        (dest/'.complete').touch()
+    finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 # %% ../nbs/01_datasets.ipynb #85f22244

@@ -312,3 +312,19 @@ def test_class_index_benchmark_runs():
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "3,000 items, 4 classes" in r.stdout and "item_labels" in r.stdout and "class_index" in r.stdout
+
+
+def test_digits_folder_written_once_by_processes_at_the_same_time(tmp_path):
+    "Four processes asking for the same new folder at once: each gets the whole folder, and no partial copy is left"
+    code = ("import sys; from cskd_fastai.datasets import digits_folder; from fastai.vision.all import get_image_files\n"
+            "from PIL import Image\n"
+            "p = digits_folder(sys.argv[1]); fs = get_image_files(p)\n"
+            "for f in fs: Image.open(f).load()      # every file whole\n"
+            "print(len(fs))")
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path/'digits')], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs == ['1797']*4, outs
+    assert sorted(o.name for o in tmp_path.iterdir()) == ['digits'] and (tmp_path/'digits'/'.complete').exists()
+    own = tmp_path/'mine'; own.mkdir(); (own/'notes.txt').write_text('kept')      # a folder of the caller's, with a file
+    assert len(get_image_files(digits_folder(own))) == 1797 and (own/'notes.txt').read_text() == 'kept'
