@@ -76,16 +76,18 @@ def one_run(n, epochs, method, seed, out):
              mean_conf=float(P.max(1).values.mean()), test_acc=float((P.argmax(1) == yv).float().mean()),
              train_acc=float((zt.argmax(1) == yt).float().mean()), train_s=train_s, s_per_epoch=train_s/epochs,
              torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine())
+    return save_run(out, run_name(n, epochs, method, seed), r, heldout_logits=zv.half().numpy(), heldout_y=yv.numpy().astype(np.int8),
+                    train_logits=zt.half().numpy(), train_y=yt.numpy().astype(np.int8))
+
+def save_run(out, name, record, **arrays):
+    "Write a finished run: `arrays` to `out/<name>_logits.npz`, then `record` to `out/<name>.json` (each atomically); return `record`"
     out.mkdir(parents=True, exist_ok=True)
-    name = run_name(n, epochs, method, seed)
     tmp = out/f'.{name}_logits.npz.tmp'
-    with open(tmp, 'wb') as fh:
-        np.savez_compressed(fh, heldout_logits=zv.half().numpy(), heldout_y=yv.numpy().astype(np.int8),
-                            train_logits=zt.half().numpy(), train_y=yt.numpy().astype(np.int8))
+    with open(tmp, 'wb') as fh: np.savez_compressed(fh, **arrays)
     tmp.replace(out/f'{name}_logits.npz')
     tmp = out/f'.{name}.json.tmp'
-    tmp.write_text(json.dumps(r, indent=1)); tmp.replace(out/f'{name}.json')
-    return r
+    tmp.write_text(json.dumps(record, indent=1)); tmp.replace(out/f'{name}.json')
+    return record
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

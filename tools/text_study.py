@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from digits_study import run_name, save_run      # the same run names and files as the digits study
+
 PACKAGES = ('asyncio', 'email', 'importlib', 'logging', 'unittest', 'xml')
 N_HELD, N_WORDS = 100, 48
 METHODS = ('ce', 'cskd-drop', 'cskd-nodrop', 'cskd-nodrop-lam2')
@@ -52,7 +55,6 @@ def table(n:int) -> pd.DataFrame:
         rows += [(t, c, False) for t in ds[:n]] + [(t, c, True) for t in ds[-N_HELD:]]
     return pd.DataFrame(rows, columns=['text', 'label', 'is_valid'])
 
-def run_name(n, epochs, method, seed): return f"n{n:03d}_e{epochs:03d}_{method}_s{seed}"
 
 def one_run(n, epochs, method, seed, out):
     from fastai.text.all import TextDataLoaders, text_classifier_learner, AWD_LSTM, awd_lstm_clas_config, accuracy, set_seed
@@ -82,14 +84,7 @@ def one_run(n, epochs, method, seed, out):
              train_acc=float((zt.argmax(1) == yt).float().mean()), train_s=train_s, s_per_epoch=train_s/epochs,
              python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
              machine=platform.machine())
-    out.mkdir(parents=True, exist_ok=True)
-    name = run_name(n, epochs, method, seed)
-    tmp = out/f'.{name}_logits.npz.tmp'
-    with open(tmp, 'wb') as fh: np.savez_compressed(fh, heldout_logits=zv.float().numpy(), heldout_y=yv.numpy().astype(np.int8))
-    tmp.replace(out/f'{name}_logits.npz')
-    tmp = out/f'.{name}.json.tmp'
-    tmp.write_text(json.dumps(r, indent=1)); tmp.replace(out/f'{name}.json')
-    return r
+    return save_run(out, run_name(n, epochs, method, seed), r, heldout_logits=zv.float().numpy(), heldout_y=yv.numpy().astype(np.int8))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
