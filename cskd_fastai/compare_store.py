@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from .datasets import _public_mode
 
 # %% auto #0
 __all__ = ['check_out', 'RunStore']
@@ -22,7 +23,7 @@ def _atomic_write(path:Path, write):
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f: write(f)
-        os.replace(tmp, path)
+        _public_mode(Path(tmp)); os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+def _public_mode(p:Path):
+    "Give `p` the permissions `open` or `mkdir` would have (`tempfile` makes them private to the user)"
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
 # %% auto #0
 __all__ = ['digits_folder', 'image_folder']
 
@@ -34,6 +39,7 @@ def digits_folder(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-', dir=dest.parent))    # written here, then renamed
     try:
+        _public_mode(tmp)
         for i,(x,c,v) in enumerate(zip(X, y, is_valid)):
             f = tmp/('valid' if v else 'train')/str(c)/f'{i:04d}.png'
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +74,7 @@ def _extract(archive:Path, cache:Path|None=None) -> Path:
                 if sys.version_info >= (3, 12) or hasattr(tarfile, 'data_filter'): tf.extractall(tmp, filter='data')
                 else: tf.extractall(tmp)
         except tarfile.TarError as e: raise ValueError(f"{archive} is not a readable .tgz archive: {e}") from e
-        (tmp/'.complete').touch()
+        (tmp/'.complete').touch(); _public_mode(tmp)
         if dest.exists(): shutil.rmtree(dest)
         tmp.rename(dest)
     finally:

@@ -328,3 +328,16 @@ def test_digits_folder_written_once_by_processes_at_the_same_time(tmp_path):
     assert sorted(o.name for o in tmp_path.iterdir()) == ['digits'] and (tmp_path/'digits'/'.complete').exists()
     own = tmp_path/'mine'; own.mkdir(); (own/'notes.txt').write_text('kept')      # a folder of the caller's, with a file
     assert len(get_image_files(digits_folder(own))) == 1797 and (own/'notes.txt').read_text() == 'kept'
+
+
+def test_written_files_have_the_users_default_permissions(tmp_path):
+    "What the library writes through temporary files (the digits, compare's results) gets the permissions `open` would give"
+    import stat
+    from cskd_fastai.compare_store import _atomic_write
+    umask = os.umask(0o022); os.umask(umask)                     # read the umask back, unchanged
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    d = digits_folder(tmp_path/'digits')
+    assert mode(d) == 0o777 & ~umask and mode(d/'train') == 0o777 & ~umask
+    _atomic_write(tmp_path/'res'/'results.json', lambda f: f.write(b'{}'))
+    plain = tmp_path/'plain.json'; plain.write_bytes(b'{}')
+    assert mode(tmp_path/'res'/'results.json') == mode(plain) == 0o666 & ~umask
