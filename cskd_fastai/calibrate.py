@@ -6,10 +6,10 @@ Docs: https://cskd-fastai.readthedocs.io/calibrate.html.md"""
 
 # %% ../nbs/07_calibrate.ipynb #8c2ca396
 from __future__ import annotations
-import math, warnings
-from functools import partial
+import math, numbers, warnings, weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +22,7 @@ from fastai.torch_core import get_model
 from .metrics import fit_temperature, apply_temperature, nll
 from .metrics import _check_targs
 from .interpret import _NeedLabels
+from .partners import check_number
 
 # %% auto #0
 __all__ = ['TemperatureScaling', 'TemperatureFit']
@@ -29,11 +30,7 @@ __all__ = ['TemperatureScaling', 'TemperatureFit']
 # %% ../nbs/07_calibrate.ipynb #f8e7ea9f
 _KEY = 'cskd_fastai.temperature'   # the entry of the model's state-dict metadata that carries T
 
-def _check_T(T):
-    if T is None: return None
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
-        raise ValueError(f"`T` must be a finite number > 0 (or None), got {T!r}.")
-    return float(T)
+def _check_T(T): return None if T is None else check_number('T', T, 0., strict=True)
 
 def _save_T(cb, module, state_dict, prefix, local_metadata):
     "`state_dict` post-hook: T goes in the model's metadata, not in a key, so the weights load strictly into any model"
@@ -47,12 +44,26 @@ def _load_T(cb, module, state_dict, prefix, local_metadata, *args):
                       "is dropped: call `learn.calibrate` again for these weights.")
     cb.T = None if T is None else float(T)
 
+class _Hook:
+    """A model hook that calls `fn(cb, ...)` for as long as callback `cb` lives, holding it weakly: the model does not keep
+    the callback (nor its learner and data) alive, and a pickled or copied model carries an inert hook"""
+    def __init__(self, fn, cb): self.fn,self.ref = fn,weakref.ref(cb)
+    def __call__(self, *args):
+        cb = self.ref() if self.ref is not None else None
+        if cb is not None: return self.fn(cb, *args)
+    def __getstate__(self): return {'fn': self.fn, 'ref': None}
+
 class TemperatureScaling(Callback):
     "Divide the model's logits by `T` outside training: `get_preds`, `predict`, `tta`, `validate` and `show_results` use logits/T"
     order,run_train = MixedPrecision.order+1,False   # after the callbacks that set `learn.pred` (RNNCallback, MixedPrecision)
     def __init__(self,
         T:float|None=None, # Temperature (> 0); None: none until `Learner.calibrate` fits one or `Learner.load` reads one
-    ): self.T,self._handles,self._hooked = _check_T(T),[],None
+    ): self.T,self._handles,self._hooked = T,[],None
+
+    @property
+    def T(self): return self.__dict__.get('_T')
+    @T.setter
+    def T(self, T): self.__dict__['_T'] = _check_T(T)     # checked however it is set
 
     @property
     def learn(self): return self.__dict__.get('_learn')
@@ -70,13 +81,19 @@ class TemperatureScaling(Callback):
         "Keep T with the weights: the model's `state_dict` writes it, its `load_state_dict` reads it"
         m = get_model(self.learn.model)
         if self._hooked is m: return
-        self._unhook()
-        self._handles = [m.register_state_dict_post_hook(partial(_save_T, self)),
-                         m.register_load_state_dict_pre_hook(partial(_load_T, self))]
+        self._unhook(); self._register(m)
+    def _register(self, m):
+        self._handles = [m.register_state_dict_post_hook(_Hook(_save_T, self)),
+                         m.register_load_state_dict_pre_hook(_Hook(_load_T, self))]
         self._hooked = m
     def _unhook(self):
         for h in self._handles: h.remove()
         self._handles,self._hooked = [],None
+    def __setstate__(self, state):
+        "Unpickled or copied with its learner (`load_learner`, `deepcopy`): hook the model that came with it"
+        m = state.pop('_hooked', None)
+        self.__dict__.update(state, _handles=[], _hooked=None)
+        if m is not None: self._register(m)
 
     def before_fit(self): self._hook()          # the learner's model may have been replaced
     def before_train(self):
@@ -147,7 +164,10 @@ def _held_out(learn, dl, ds_idx):
     if isinstance(dl, DataLoaders):
         raise ValueError("`dl` must be one `DataLoader` (e.g. `dls.valid`), an index into `learn.dls`, or labelled items; "
                          "got a `DataLoaders`.")
-    if isinstance(dl, int) and not isinstance(dl, bool): dl,ds_idx = None,dl
+    if isinstance(dl, numbers.Integral) and not isinstance(dl, (bool, np.bool_)): dl,ds_idx = None,int(dl)
+    if dl is None and (not isinstance(ds_idx, numbers.Integral) or isinstance(ds_idx, (bool, np.bool_))
+                       or not 0 <= ds_idx < len(learn.dls.loaders)):
+        raise ValueError(f"The index into `dls` must be 0 to {len(learn.dls.loaders)-1}, got {ds_idx!r}.")
     if (dl is None and ds_idx == 0) or (dl is not None and dl is learn.dls.train):
         warnings.warn("Calibrating on the training data: the model fits it better than new data, so T comes out too low "
                       "and the calibrated model is overconfident. Calibrate on held-out items.")
@@ -166,6 +186,8 @@ def calibrate(self:Learner,
 ) -> TemperatureFit:
     "Fit one temperature on held-out `dl`, from the raw logits (`fit_temperature`); the learner's predictions then use logits/T"
     _check_loss(self.loss_func)
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}.")
     dl = _held_out(self, dl, ds_idx)
     cb = _temperature_cb(self)
     old = None if cb is None else cb.T

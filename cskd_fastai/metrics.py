@@ -284,6 +284,6 @@ def apply_temperature(
     T:float, # Temperature (> 0)
 ) -> torch.Tensor:
     "softmax(log(probs)/T) in float64: the probabilities a model would give with its logits divided by `T`"
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, float, np.integer, np.floating)) or not math.isfinite(T) or T <= 0:
         raise ValueError(f"`T` must be a finite number > 0, got {T!r}.")
     return torch.softmax(torch.from_numpy(_log_probs(_check_probs(probs)))/float(T), 1)

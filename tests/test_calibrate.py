@@ -268,6 +268,50 @@ def test_save_and_load(image_learner, tmp_path):
     torch.testing.assert_close(preds(learn), F.softmax(z, 1))
 
 
+def test_calibrated_model_pickles_and_copies_without_its_learner(digits_path, tmp_path):
+    "The model's hooks hold the callback weakly: a calibrated model pickles and copies on its own (data with a lambda)"
+    import copy, pickle, gc, weakref
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, get_y=lambda f: f.parent.name,
+                    splitter=GrandparentSplitter(valid_name='valid'), item_tfms=Resize(16)).dataloaders(digits_path, bs=64, num_workers=0)
+    learn = fitted(cnn_learner(dls, path=tmp_path))
+    plain_size = len(pickle.dumps(learn.model))
+    fit = calibrated(learn)
+    assert len(pickle.dumps(learn.model)) < plain_size + 2_000          # not the learner, not its data
+    twin = copy.deepcopy(learn.model)
+    assert not any(isinstance(o, (Learner, TemperatureScaling)) for o in gc.get_referents(*gc.get_referents(twin)))
+    twin.state_dict(); twin.load_state_dict(learn.model.state_dict())    # its hooks are inert
+    assert learn.temperature_scaling.T == fit.T
+    cb = weakref.ref(learn.temperature_scaling)
+    m = learn.model; learn.uncalibrate(); del learn; gc.collect()
+    assert cb() is None                                                  # the model kept no callback alive
+    m.state_dict()
+
+
+def test_a_replaced_model_is_hooked_by_calibrate(image_learner, tmp_path):
+    learn = image_learner
+    learn.path = tmp_path
+    calibrated(learn)
+    new = tiny_cnn(); new.load_state_dict(learn.model.state_dict())
+    learn.model = new                                                    # replaced outside any fit (get_preds's before_fit hooks it)
+    fit = calibrated(learn)
+    learn.save('new')
+    fresh = Learner(learn.dls, tiny_cnn(), path=tmp_path, cbs=TemperatureScaling()).load('new')
+    assert fresh.temperature_scaling.T == fit.T
+
+
+def test_numbers_numpy_and_bad_values(image_learner):
+    learn = image_learner
+    assert TemperatureScaling(T=np.float32(2.)).T == 2. and TemperatureScaling(T=torch.tensor(1.5)).T == 1.5
+    for bad in (0, -1., float('nan'), 'x', True):
+        with pytest.raises(ValueError, match='`T`'): TemperatureScaling(T=bad)
+    fit = calibrated(learn, np.int64(1))
+    assert fit.T == calibrated(learn, 1).T
+    with pytest.raises(ValueError, match='`T`'): learn.temperature_scaling.T = -2.
+    assert learn.temperature_scaling.T == fit.T
+    with pytest.raises(ValueError, match='index into `dls`'): learn.calibrate(5)
+    with pytest.raises(ValueError, match='`max_iter`'): learn.calibrate(max_iter=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals and edge cases
 
