@@ -70,18 +70,21 @@ def _kept_running_stats(model):
                     for b,v in zip(_running_stats(m), s): b.copy_(v)
 
 def _dropout_types() -> tuple:
-    "The module classes whose training mode means random dropping: torch's dropouts and dropout in RNNs, fastai's AWD-LSTM dropouts, timm's DropPath/DropBlock"
+    """The module classes whose training mode means random dropping: torch's dropouts and the dropout inside its RNNs and
+    attention, fastai's AWD-LSTM dropouts, torchvision's StochasticDepth and DropBlock, timm's DropPath and DropBlock"""
     from fastai.text.models.awdlstm import RNNDropout, WeightDropout, EmbeddingDropout
+    from torchvision.ops import StochasticDepth, DropBlock2d as TvDropBlock2d, DropBlock3d as TvDropBlock3d
     from timm.layers import DropPath, DropBlock2d
     return (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RNNBase,
-            RNNDropout, WeightDropout, EmbeddingDropout, DropPath, DropBlock2d)
+            nn.MultiheadAttention, RNNDropout, WeightDropout, EmbeddingDropout, StochasticDepth, TvDropBlock2d, TvDropBlock3d,
+            DropPath, DropBlock2d)
 
 @contextmanager
 def _dropout_off(model):
     "Every dropout module of `model` (see `_dropout_types`) in eval mode, the rest as it is; each put back as it was"
     ts = _dropout_types()
     off = [m for m in model.modules() if isinstance(m, ts) and m.training]
-    for m in off: m.training = False          # this module only: its children (e.g. WeightDropout's LSTM) keep their mode
+    for m in off: m.training = False          # each such module itself, not its children (those that drop are listed too)
     try: yield
     finally:
         for m in off: m.training = True
@@ -104,7 +107,11 @@ class PartnerForward:
         bn_stats:bool=True, # In training mode, let the partners update BatchNorm's running statistics (the paper's code)
         dropout:bool=True, # In training mode, keep dropout active in the partner pass (False: dropout modules in eval mode, the rest in training mode)
         get_logits:callable|None=None, # The logits in the model's output; None: the output, or its first element if it is a tuple or list
-    ): self.train,self.bn_stats,self.dropout,self.get_logits,self.xb,self.logits = train,bn_stats,dropout,get_logits,None,None
+    ):
+        for k,v in dict(train=train, bn_stats=bn_stats, dropout=dropout).items():
+            if not isinstance(v, (bool, np.bool_)): raise ValueError(f"`{k}` must be True or False, got {v!r}.")
+        if get_logits is not None and not callable(get_logits): raise ValueError(f"`get_logits` must be a function, got {get_logits!r}.")
+        self.train,self.bn_stats,self.dropout,self.get_logits,self.xb,self.logits = bool(train),bool(bn_stats),bool(dropout),get_logits,None,None
 
     def loader(self, dl, index:ClassIndex|None=None):
         "A `PairedDL` over `dl` pairing by `index` (`dl` itself if it is a `PairedDL` with that index)"

@@ -794,3 +794,47 @@ def test_awd_lstm_partner_pass_without_dropout_is_the_model_with_every_dropout_a
             learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
             src2.split(learn); src2.prepare(learn); return src2.targets(learn)[0]
         assert not torch.equal(drawn(), drawn())
+
+
+class _ManyDrops(nn.Module):
+    "A model with the other ways models drop: torchvision's StochasticDepth and DropBlock2d, timm's DropPath, attention dropout"
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import StochasticDepth, DropBlock2d
+        from timm.layers import DropPath
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8)
+        self.sd, self.db, self.dp = StochasticDepth(0.5, 'row'), DropBlock2d(0.5, 3), DropPath(0.5)
+        self.attn, self.head = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True), nn.Linear(8, 10)
+    def forward(self, x):
+        h = self.db(F.relu(self.bn(self.conv(x))))
+        h = h + self.sd(h)
+        t = h.flatten(2).transpose(1, 2)
+        t = t + self.dp(self.attn(t, t, t, need_weights=False)[0])
+        return self.head(t.mean(1))
+
+
+def test_partner_pass_without_dropout_turns_off_every_kind_of_dropout(small_dls):
+    "torchvision's StochasticDepth and DropBlock2d, timm's DropPath and MultiheadAttention's dropout: off in the pass without dropout (two passes alike, the logits of a copy with every probability at 0), on in the default's"
+    import copy
+    set_seed(0)
+    model = _ManyDrops()
+    learn = Learner(small_dls, model)
+    ref = copy.deepcopy(model)
+    ref.sd.p = ref.db.p = ref.dp.drop_prob = ref.attn.dropout = 0.
+    pdl = PartnerForward().loader(small_dls.train, class_index(small_dls.train))
+    xb, yb = pdl.one_batch()
+    def partner_logits(src):
+        learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
+        src.split(learn); src.prepare(learn)
+        return src.targets(learn)[0]
+    a, b = partner_logits(PartnerForward(dropout=False)), partner_logits(PartnerForward(dropout=False))
+    assert torch.equal(a, b) and all(m.training for m in model.modules())
+    ref.train()
+    with torch.no_grad(): torch.testing.assert_close(a, ref(xb[len(xb)//2:]), atol=1e-5, rtol=1e-4)
+    assert not torch.equal(partner_logits(PartnerForward()), partner_logits(PartnerForward()))   # the default pass draws
+
+
+@pytest.mark.parametrize('kw', [dict(dropout='no'), dict(train=1), dict(bn_stats=None), dict(get_logits='logits')])
+def test_partner_forward_refuses_what_is_not_a_switch(kw):
+    with pytest.raises(ValueError, match=f"`{next(iter(kw))}`"): PartnerForward(**kw)
+    assert PartnerForward(dropout=np.bool_(False)).dropout is False
