@@ -44,7 +44,7 @@ def uncount_rows(dl, n:int):
 # %% ../nbs/00a_internals.ipynb #5e0a1c14
 def tfmd_subset(tl:TfmdLists, items, split_idx:int) -> TfmdLists:
     "A `TfmdLists` of `items` through `tl`'s transforms as set up (no new setup), for split `split_idx` (0: training, 1: validation)"
-    return TfmdLists(items, tl.tfms, split_idx=split_idx, types=tl.types)
+    return TfmdLists(items, tl.tfms, do_setup=False, split_idx=split_idx, types=tl.types)
 
 def set_split(dl):
     "Set `dl`'s item and batch transforms to its dataset's split (e.g. no augmentation on a validation set), as iterating `dl` does"

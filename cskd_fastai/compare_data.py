@@ -23,6 +23,7 @@ with warnings.catch_warnings():
     from fastai.vision.augment import Resize, aug_transforms
 from .data import item_labels
 from .datasets import image_folder
+from ._internals import tfmd_subset, set_split
 
 # %% auto #0
 __all__ = ['DIGITS_PER_CLASS', 'carve', 'ComparisonData']
@@ -101,7 +102,7 @@ def _subset_ds(ds, idxs, split_idx:int):
     "Items `idxs` of a fastai `Datasets` or `TabularPandas`, with its transforms as set up (no new setup)"
     idxs = [int(i) for i in idxs]
     if isinstance(ds, Datasets):
-        return Datasets(tls=[tl._new(_take(tl.items, idxs), split_idx=split_idx) for tl in ds.tls], n_inp=ds.n_inp)
+        return Datasets(tls=[tfmd_subset(tl, _take(tl.items, idxs), split_idx) for tl in ds.tls], n_inp=ds.n_inp)
     if _can_subset(ds): return ds.iloc[idxs]
     raise TypeError(f"Cannot take a subset of a {type(ds).__name__}: a fastai `Datasets` or `TabularPandas` is needed.")
 
@@ -233,7 +234,7 @@ class ComparisonData:
     def _in_memory(self, dl):
         "Loader `dl` over its items as its item transforms leave them, computed once (up to `_HELD_OUT_BYTES`)"
         if self._held_out is None:
-            dl.before_iter()          # the transforms' split, as iterating `dl` sets it
+            set_split(dl)             # the transforms' split, as iterating `dl` sets it
             n, first = len(dl.dataset), dl.do_item(0)
             size = n*sum(o.nbytes for o in first if isinstance(o, torch.Tensor))
             self._held_out = _Items([first] + [dl.do_item(i) for i in range(1, n)], dl.dataset) if size <= _HELD_OUT_BYTES else False

@@ -93,6 +93,12 @@ def test_tfmd_subset_is_what_fastais_private_new_makes():
             ours, theirs = tfmd_subset(tl, ['bb', 'dddd'], split), tl._new(['bb', 'dddd'], split_idx=split)
             assert list(ours) == list(theirs) and ours.split_idx == theirs.split_idx == split
             assert ours.tfms.fs is tl.tfms.fs and ours.types == theirs.types
+    class Counted(Transform):
+        "Counts its setups"
+        n = 0
+        def setups(self, items): Counted.n += 1
+    tl = TfmdLists(['a', 'bb', 'ccc'], [Counted(), len])
+    assert Counted.n == 1 and list(tfmd_subset(tl, ['ccc'], 0)) == [3] and Counted.n == 1   # set up once, not again
 
 
 # ---------------------------------------------------------------------------------------------------- models
