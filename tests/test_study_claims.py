@@ -166,3 +166,29 @@ def test_dropout_finetune_answer(dp):
     for i, n in enumerate((20, 50)):
         d = paired([100*ft['cskd-nodrop-lam0.25', n][s]['test_ece'] for s in range(3)], [100*ft['ce', n][s]['ts_ece'] for s in range(3)])
         assert close(m.groups()[3*i:3*i+3], d) and d['lo'] > 0
+
+
+def test_callback_page_dropout_section(dp):
+    "The callback page's summary of the dropout study: each figure recomputed from the study's saved runs"
+    R, _ = dp
+    cells = json.loads((ROOT/'nbs'/'03_callback.ipynb').read_text())['cells']
+    md = next(' '.join(''.join(c['source']).split()) for c in cells
+              if c['cell_type'] == 'markdown' and ''.join(c['source']).startswith('### Dropout in the partner pass'))
+    mean = lambda point, m, col, k=100: float(np.mean([k*R[point[0], m, point[1], s][col] for s in range(3)]))
+    gap = lambda point, m: float(np.mean([100*(R[point[0], m, point[1], s]['mean_conf'] - R[point[0], m, point[1], s]['test_acc'])
+                                          for s in range(3)]))
+    d10, d30 = ('digits', 10), ('digits', 30)
+    m = re.search(r'cross-entropy ended (\d+) points overconfident, `CSKD\(\)` reached ECE ' + NUM + r'% and the pass without '
+                  r'dropout ' + NUM + r'% \(' + NUM + r' points \[' + NUM + ', ' + NUM + r'\]\)', md)
+    assert m and int(m[1]) == round(gap(d10, 'ce')) and gap(d10, 'ce') > 0
+    assert (num(m[2]), num(m[3])) == (round(mean(d10, 'cskd', 'test_ece'), 1), round(mean(d10, 'cskd-nodrop', 'test_ece'), 1))
+    assert close(m.groups()[3:6], dd(R, d10, 'cskd-nodrop', 'cskd', 'test_ece'))
+    m = re.search(r'λ = 2 without dropout did not recover it \(ECE ' + NUM + r'%\)', md)
+    assert m and num(m[1]) == round(mean(d10, 'cskd-nodrop-lam2', 'test_ece'), 1)
+    m = re.search(r"`CSKD\(\)`'s (\d+) points of underconfidence went away \(ECE " + NUM + '% → ' + NUM + '%, error ' + NUM + '% → '
+                  + NUM + r'%\)', md)
+    assert m and int(m[1]) == round(-gap(d30, 'cskd')) and gap(d30, 'cskd') < 0
+    assert [num(x) for x in m.groups()[1:]] == [round(mean(d30, m_, c), 1) for c in ('test_ece', 'test_err') for m_ in ('cskd', 'cskd-nodrop')]
+    m = re.search(r'with 20 images a class its error cost fell from ' + NUM + ' to ' + NUM + ' points', md)
+    cost = lambda meth: dd(R, ('finetune', 20), meth, 'ce', 'test_err')['mean']
+    assert m and (num(m[1]), num(m[2])) == (round(cost('cskd'), 1), round(cost('cskd-nodrop'), 1))
