@@ -282,3 +282,23 @@ def test_benchmark_scripts_refuse_to_run_without_data():
     assert r.returncode == 2 and 'no CIFAR-10 path given' in r.stderr and 'usage:' in r.stderr, r.stderr
     r = subprocess.run(['bash', str(ROOT/'benchmarks'/'gpu.sh'), str(ROOT/'no-such-folder')], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and 'does not exist' in r.stderr, r.stderr
+
+
+def test_default_run_figures_match_the_saved_runs():
+    "The default run's figures quoted on the front page and the compare page are those of its saved results, by thread count"
+    runs = {t: json.loads((ROOT/'nbs'/'tutorials'/'default_run'/f'threads-{t}'/'results.json').read_text()) for t in (1, 2)}
+    meta = {t: json.loads((ROOT/'nbs'/'tutorials'/'default_run'/f'threads-{t}'/'run.json').read_text()) for t in (1, 2)}
+    assert all(meta[t]['torch_threads'] == t and runs[t]['config']['epochs'] == 20 for t in (1, 2))
+    ce = {t: next(100*r['top1_err'] for r in runs[t]['summary'] if r['method'] == 'ce') for t in (1, 2)}
+    readme = ' '.join((ROOT/'README.md').read_text().split())
+    assert f"cross-entropy's error on the default run: {ce[1]:.1f}% with one thread, {ce[2]:.1f}% with two" in readme
+    cells = json.loads((ROOT/'nbs'/'06_compare.ipynb').read_text())['cells']
+    page = ' '.join(' '.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown').split())
+    assert f"gave cross-entropy {ce[1]:.1f}% top-1 error with one thread and {ce[2]:.1f}% with two" in page
+    mins = {t: divmod(round(meta[t]['wall_s']), 60) for t in (1, 2)}
+    assert f"({mins[2][0]} min {mins[2][1]} s with two threads, {mins[1][0]} min {mins[1][1]} s with one" in page
+    assert max(meta[t]['wall_s'] for t in (1, 2)) < 300 and 'under 5 minutes on 2 CPU cores' in readme
+    said = {t: (ROOT/'nbs'/'tutorials'/'default_run'/f'threads-{t}'/'report.txt').read_text() for t in (1, 2)}
+    m = re.search(r'Bottom line: no: CS-KD raised ECE by ([\d.]+) points \(\+([\d.]+) to', said[1])
+    assert m and float(m[2]) > 0 and f'CS-KD raised ECE by {float(m[1]):.1f} points, interval above zero' in page
+    assert 'Bottom line: not on this evidence' in said[2]
