@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/compare_html.html.md"""
 
 # %% ../nbs/06f_compare_html.ipynb #c435eaf6
 from __future__ import annotations
-import base64, html, io
+import base64, html, io, re
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +35,13 @@ def plot_reliability_grid(
             ax, it = axs[i, j], res.interp(m, s)
             it.plot_reliability(ax=ax, n_bins=n_bins, hist=False)
             ax.set_title(f"{METHOD_NAMES[m]}\nseed {s}: ECE {it.ece(n_bins):.2%}, error {it.error():.1%}", fontsize='small')
-            if (i, j) != (0, 0) and ax.get_legend(): ax.get_legend().remove()
+            if ax.get_legend(): ax.get_legend().remove()            # one legend for the figure, below the diagrams
             if j: ax.set_ylabel('')
             if i < len(ms) - 1: ax.set_xlabel('')
             else: ax.set_xlabel('confidence')
     fig.suptitle(f"Reliability on the held-out items, every method and seed ({n_bins} equal-width bins)")
-    fig.tight_layout()
+    fig.legend(*axs[0, 0].get_legend_handles_labels(), loc='lower center', ncol=3, fontsize='small', frameon=False)
+    fig.tight_layout(rect=(0, 0.4/(size*len(ms)), 1, 1))
     return fig
 
 def plot_curves(
@@ -69,7 +70,11 @@ def plot_curves(
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}.bottom{font-size:1.1em;background:#f5f8ff;
-border-left:4px solid #36c;padding:.6em 1em}.note{color:#555;font-size:.9em}img{max-width:100%}"""
+border-left:4px solid #36c;padding:.6em 1em}.note{color:#555;font-size:.9em}img{max-width:100%}code{white-space:nowrap}"""
+
+def _code_spans(text:str) -> str:
+    "Escaped text with its `backtick` spans as <code> (kept on one line)"
+    return re.sub(r'`([^`]+)`', r'<code>\1</code>', text)
 
 def _png(fig) -> str:
     "`fig` as a base64 PNG `<img>`"
@@ -94,7 +99,7 @@ def report_html(
     n = int(t['n_seeds'].max())
     e = html.escape
     body = [f"<h1>CS-KD comparison</h1>", f"<p>{e(describe(res, 10**6))}</p>",
-            f'<p class="bottom">{e(bottom_line(res, level, 10**6))}</p>',
+            f'<p class="bottom">{_code_spans(e(bottom_line(res, level, 10**6)))}</p>',
             "<h2>Methods</h2>", results_table(res).to_html(escape=True),
             f'<p class="note">Each cell: mean ± standard deviation over {n} seed(s). Error, ECE and confidence − accuracy in %, NLL in nats.</p>',
             "<h2>Paired differences</h2>", f'<p class="note">First minus second, seed by seed; mean and {level:.0%} Student-t interval over '
