@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/calibrate.html.md"""
 
 # %% ../nbs/07_calibrate.ipynb #8c2ca396
 from __future__ import annotations
-import math, numbers, warnings, weakref
+import numbers, warnings, weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -20,7 +20,7 @@ from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.torch_core import get_model
 from .metrics import fit_temperature, apply_temperature, nll
-from .metrics import _check_targs
+from .metrics import _check_targs, _check_int
 from .interpret import _NeedLabels
 from .partners import check_number
 
@@ -164,9 +164,9 @@ def _held_out(learn, dl, ds_idx):
     if isinstance(dl, DataLoaders):
         raise ValueError("`dl` must be one `DataLoader` (e.g. `dls.valid`), an index into `learn.dls`, or labelled items; "
                          "got a `DataLoaders`.")
-    if isinstance(dl, numbers.Integral) and not isinstance(dl, (bool, np.bool_)): dl,ds_idx = None,int(dl)
-    if dl is None and (not isinstance(ds_idx, numbers.Integral) or isinstance(ds_idx, (bool, np.bool_))
-                       or not 0 <= ds_idx < len(learn.dls.loaders)):
+    is_index = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+    if is_index(dl): dl,ds_idx = None,int(dl)
+    if dl is None and not (is_index(ds_idx) and 0 <= ds_idx < len(learn.dls.loaders)):
         raise ValueError(f"The index into `dls` must be 0 to {len(learn.dls.loaders)-1}, got {ds_idx!r}.")
     if (dl is None and ds_idx == 0) or (dl is not None and dl is learn.dls.train):
         warnings.warn("Calibrating on the training data: the model fits it better than new data, so T comes out too low "
@@ -186,8 +186,7 @@ def calibrate(self:Learner,
 ) -> TemperatureFit:
     "Fit one temperature on held-out `dl`, from the raw logits (`fit_temperature`); the learner's predictions then use logits/T"
     _check_loss(self.loss_func)
-    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}.")
+    max_iter = _check_int(max_iter, 'max_iter')
     dl = _held_out(self, dl, ds_idx)
     cb = _temperature_cb(self)
     old = None if cb is None else cb.T

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.metrics import AccumMetric
+from .partners import check_number
 
 # %% auto #0
 __all__ = ['bin_index', 'ece', 'mce', 'adaptive_ece', 'classwise_ece', 'nll', 'brier_score', 'top_k_error', 'ECE', 'MCE',
@@ -284,6 +285,5 @@ def apply_temperature(
     T:float, # Temperature (> 0)
 ) -> torch.Tensor:
     "softmax(log(probs)/T) in float64: the probabilities a model would give with its logits divided by `T`"
-    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, float, np.integer, np.floating)) or not math.isfinite(T) or T <= 0:
-        raise ValueError(f"`T` must be a finite number > 0, got {T!r}.")
-    return torch.softmax(torch.from_numpy(_log_probs(_check_probs(probs)))/float(T), 1)
+    T = check_number('T', T, 0., strict=True)
+    return torch.softmax(torch.from_numpy(_log_probs(_check_probs(probs)))/T, 1)

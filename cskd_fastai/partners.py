@@ -6,7 +6,7 @@ Docs: https://cskd-fastai.readthedocs.io/partners.html.md"""
 
 # %% ../nbs/02_partners.ipynb #496d7eb4
 from __future__ import annotations
-import math, numbers, weakref
+import functools, math, numbers, weakref
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -69,6 +69,7 @@ def _kept_running_stats(model):
                 else:
                     for b,v in zip(_running_stats(m), s): b.copy_(v)
 
+@functools.cache
 def _dropout_types() -> tuple:
     """The module classes whose training mode means random dropping: torch's dropouts and the dropout inside its RNNs and
     attention, fastai's AWD-LSTM dropouts, torchvision's StochasticDepth and DropBlock, timm's DropPath and DropBlock"""

@@ -38,6 +38,14 @@ def small_dls(digits_path):
     return digits_block(320).dataloaders(digits_path, bs=32, num_workers=0)
 
 
+@pytest.fixture
+def no_fit(monkeypatch):
+    "Any fit fails the test: for refusals that must come before training"
+    from fastai.learner import Learner
+    def fit(self, *a, **k): raise AssertionError("a run trained")
+    monkeypatch.setattr(Learner, 'fit', fit)
+
+
 def cnn_learner(dls, cbs=None, **kwargs):
     "A `Learner` of `tiny_cnn` with accuracy"
     return Learner(dls, tiny_cnn(), metrics=accuracy, cbs=cbs, **kwargs)
@@ -73,7 +81,7 @@ def pytest_configure(config):
     "The markers are in pyproject.toml. `--all` drops the default `-m 'not slow'`; pytest-xdist's workers get the digits written once"
     if config.getoption('all'): config.option.markexpr = ''
     if getattr(config.option, 'numprocesses', None) and not hasattr(config, 'workerinput'):
-        digits_folder()     # the default folder the CLI and `compare` use, written before workers could race to write it
+        digits_folder()     # the default folder the CLI and `compare` use, written once rather than by every worker
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -763,6 +763,13 @@ def test_warns_once_when_fine_tuning_a_frozen_body(digits_path):
     assert not [x for x in w if 'frozen body' in str(x.message)]
 
 
+def _partner_targets(src, learn, xb, yb, pdl):
+    "The partner logits `src` gives for the paired batch (`xb`, `yb`) of loader `pdl`, as a training step computes them"
+    learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
+    src.split(learn); src.prepare(learn)
+    return src.targets(learn)[0]
+
+
 def test_awd_lstm_partner_pass_without_dropout_is_the_model_with_every_dropout_at_zero():
     "An AWD-LSTM classifier (embedding, weight, hidden, input and output dropout): the pass without dropout gives the logits of a copy whose every dropout probability is 0, in training mode, twice alike"
     from fastai.text.models.awdlstm import RNNDropout, WeightDropout, EmbeddingDropout
@@ -779,21 +786,14 @@ def test_awd_lstm_partner_pass_without_dropout_is_the_model_with_every_dropout_a
     for m in ref.modules():
         for a in ('p', 'embed_p', 'weight_p'):
             if isinstance(m, (nn.Dropout, RNNDropout, EmbeddingDropout, WeightDropout)) and hasattr(m, a): setattr(m, a, 0.)
-    def partner_logits():
-        learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
-        src.split(learn); src.prepare(learn)
-        return src.targets(learn)[0]
-    a, b = partner_logits(), partner_logits()
+    a, b = _partner_targets(src, learn, xb, yb, pdl), _partner_targets(src, learn, xb, yb, pdl)
     assert torch.equal(a, b)
     with torch.no_grad(): r = ref(xb[len(xb)//2:])[0]
     torch.testing.assert_close(a, r)
     assert all(m.training for m in model.modules())
     with torch.no_grad():                                          # the default pass draws: its targets differ between passes
         src2 = PartnerForward()
-        def drawn():
-            learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
-            src2.split(learn); src2.prepare(learn); return src2.targets(learn)[0]
-        assert not torch.equal(drawn(), drawn())
+        assert not torch.equal(_partner_targets(src2, learn, xb, yb, pdl), _partner_targets(src2, learn, xb, yb, pdl))
 
 
 class _ManyDrops(nn.Module):
@@ -823,10 +823,7 @@ def test_partner_pass_without_dropout_turns_off_every_kind_of_dropout(small_dls)
     ref.sd.p = ref.db.p = ref.dp.drop_prob = ref.attn.dropout = 0.
     pdl = PartnerForward().loader(small_dls.train, class_index(small_dls.train))
     xb, yb = pdl.one_batch()
-    def partner_logits(src):
-        learn.xb, learn.yb, learn.dl = (xb,), (yb,), pdl
-        src.split(learn); src.prepare(learn)
-        return src.targets(learn)[0]
+    partner_logits = lambda src: _partner_targets(src, learn, xb, yb, pdl)
     a, b = partner_logits(PartnerForward(dropout=False)), partner_logits(PartnerForward(dropout=False))
     assert torch.equal(a, b) and all(m.training for m in model.modules())
     ref.train()

@@ -119,27 +119,20 @@ def test_tgz_with_test_split_says_where_numbers_come_from(tmp_path, monkeypatch)
     assert (tmp_path/'cache'/'mini'/'.complete').exists()
 
 
-def no_training(monkeypatch):
-    "Any fit fails the test: refusals come before training"
-    from fastai.learner import Learner
-    def no_fit(self, *a, **k): raise AssertionError("a run trained")
-    monkeypatch.setattr(Learner, 'fit', no_fit)
-
-
 @pytest.mark.parametrize('make, msg', [
     (lambda d: d/'missing', 'does not exist'),
     (lambda d: (d/'x.txt').write_text('hi') and d/'x.txt', 'not a .tgz'),
     (lambda d: d, 'no `train` folder'),
 ])
-def test_bad_data_is_a_clear_error(tmp_path, make, msg, monkeypatch, capsys):
-    no_training(monkeypatch); monkeypatch.chdir(tmp_path)
+def test_bad_data_is_a_clear_error(tmp_path, make, msg, monkeypatch, capsys, no_fit):
+    monkeypatch.chdir(tmp_path)
     assert main(['compare', '--data', str(make(tmp_path)), '--epochs', '1', '--quiet']) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bad_hyperparameter_fails_before_training(tmp_path, monkeypatch, capsys):
-    no_training(monkeypatch); monkeypatch.chdir(tmp_path)
+def test_bad_hyperparameter_fails_before_training(tmp_path, monkeypatch, capsys, no_fit):
+    monkeypatch.chdir(tmp_path)
     assert main(['compare', '--lam', '-1', '--quiet']) == 2
     assert '`--lam`' in capsys.readouterr().err
 
@@ -153,18 +146,15 @@ BAD = [(['--bs', '0'], '--bs'), (['--bs', '1', '--methods', 'cskd'], '--bs'), ([
        (['--T', '0'], '--T'), (['--arch', 'nonet'], '--arch'), (['--seeds', '0', '0'], 'Seeds must differ')]
 
 @pytest.mark.parametrize('args, name', BAD, ids=[' '.join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_before_training(args, name, monkeypatch, capsys):
+def test_bad_input_is_one_line_before_training(args, name, capsys, no_fit):
     "Each bad option: exit status 2 and one line naming it, and no learner is fitted (a fit would fail the test)"
-    no_training(monkeypatch)
     assert main(['compare', *args, '--quiet']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith('cskd-fastai: error:'), err
     assert (f'`{name}`' if name.startswith('--') else name) in err, err
 
 
-def test_out_naming_a_file_is_refused(tmp_path, monkeypatch, capsys):
-    from fastai.learner import Learner
-    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: pytest.fail("a run trained"))
+def test_out_naming_a_file_is_refused(tmp_path, capsys, no_fit):
     f = tmp_path/'results.txt'; f.write_text('mine')
     assert main(['compare', '--out', str(f), '--quiet']) == 2
     err = capsys.readouterr().err.strip()

@@ -49,10 +49,8 @@ def test_csv_without_valid_column_holds_out_a_fixed_share(tmp_path):
     assert set(res.items['train']) == set(again.items['train'])    # the split does not follow the run's seed
 
 
-def test_csv_errors(tmp_path, monkeypatch, capsys):
+def test_csv_errors(tmp_path, monkeypatch, capsys, no_fit):
     from cskd_fastai.cli import main
-    from fastai.learner import Learner
-    monkeypatch.setattr(Learner, 'fit', lambda self, *a, **k: pytest.fail("a run trained"))
     monkeypatch.chdir(tmp_path)
     csv = _csv_set(tmp_path, n=2)
     df = pd.read_csv(csv); df.loc[0, 'fname'] = 'imgs/missing.png'; df.to_csv(csv, index=False)

@@ -17,7 +17,7 @@ whose JSON exists is skipped.
     python tools/text_study.py --methods ce cskd-drop cskd-nodrop --seeds 0 1 2
 """
 from __future__ import annotations
-import argparse, ast, json, platform, sys, sysconfig, time, warnings
+import argparse, ast, platform, sys, sysconfig, time, warnings
 from pathlib import Path
 
 import numpy as np
